@@ -1,0 +1,101 @@
+//! Wires the backend, the shared state and the router together, prints the banner, and runs the
+//! server until the shutdown token is cancelled; then drains within `shutdown_timeout`.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use anyhow::Context;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::backend::AnyBackend;
+use crate::backend::redis::RedisBackend;
+use crate::config::{BackendKind, Config};
+use crate::http::{self, AppState};
+
+/// Runs streamgate on an already-bound listener until `shutdown` is cancelled.
+pub async fn run(
+    listener: TcpListener,
+    config: Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    for warning in &config.warnings {
+        tracing::warn!("{warning}");
+    }
+    let config = Arc::new(config);
+    let backend = connect_backend(&config, shutdown.clone()).await?;
+    let local_address = listener
+        .local_addr()
+        .context("reading the listen address")?;
+    print_banner(&config, &backend, local_address);
+
+    let state = AppState::new(backend, config.clone(), shutdown.clone());
+    let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();
+    let server =
+        axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let mut server = tokio::spawn(server.into_future());
+    tokio::select! {
+        result = &mut server => return result.context("the server task failed")?.context("serving HTTP"),
+        _ = shutdown.cancelled() => {}
+    }
+    tracing::info!(deadline = ?config.shutdown_timeout, "shutting down: draining connections");
+    match tokio::time::timeout(config.shutdown_timeout, server).await {
+        Ok(result) => result
+            .context("the server task failed")?
+            .context("serving HTTP")?,
+        Err(_) => tracing::warn!("drain deadline passed; closing the remaining connections"),
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// Connects to the configured backend; for Redis, retries at start-up and then gives up with the
+/// cause.
+async fn connect_backend(
+    config: &Config,
+    shutdown: CancellationToken,
+) -> anyhow::Result<AnyBackend> {
+    match (config.backend, &config.redis) {
+        (BackendKind::Redis, Some(redis)) => {
+            let backend = RedisBackend::connect(&redis.options, shutdown)
+                .await
+                .with_context(|| {
+                    format!(
+                        "cannot connect to Redis at {} (tried {} times)",
+                        redis.options.display_address,
+                        redis.options.connect_retries + 1
+                    )
+                })?;
+            Ok(AnyBackend::Redis(backend))
+        }
+        (BackendKind::Redis, None) => {
+            anyhow::bail!("the Redis backend is selected but not configured")
+        }
+        (BackendKind::Embedded, _) => {
+            anyhow::bail!(
+                "the embedded backend is not available in this build; configure Redis (--redis-url)"
+            )
+        }
+    }
+}
+
+/// The start-up banner: one line each for version, backend, listen URL and docs URL, and the
+/// generated token when there is one (printed once, here, and nowhere else).
+fn print_banner(config: &Config, backend: &AnyBackend, address: SocketAddr) {
+    let url = format!("http://{address}");
+    let backend_line = match backend {
+        AnyBackend::Redis(_) => format!("backend: redis at {}", backend.address()),
+    };
+    println!("streamgate {}", env!("CARGO_PKG_VERSION"));
+    println!("{backend_line}");
+    println!("listening on {url}");
+    println!("docs: {url}/api-docs");
+    if config.bearer_token_generated
+        && let Some(token) = &config.bearer_token
+    {
+        println!(
+            "token: {} (generated for this run, loopback only; set bearer_token to choose one)",
+            token.expose()
+        );
+    }
+}

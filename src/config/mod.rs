@@ -1,0 +1,1060 @@
+//! The only place that reads files, environment and flags. Everything is validated once, at
+//! start, into typed values; every problem is reported together in one message.
+//!
+//! Precedence, lowest first: built-in defaults < TOML file < environment < command-line flags.
+//! The [`Config`] structure's field names mirror the configuration keys, so serializing it
+//! (`streamgate config check`) prints the effective configuration in the file's own format.
+
+mod reader;
+mod sources;
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Serialize, Serializer};
+
+use self::reader::Reader;
+pub use self::sources::{Cli, Command, ConfigCommand, Flags, Sources, normalize_go_style_flags};
+use crate::auth::{Scope, StaticToken, StreamPattern, token_digest};
+use crate::backend::Retention;
+use crate::backend::redis::RedisOptions;
+
+/// Sections of the file (tables whose keys merge one by one).
+const SECTIONS: &[&str] = &[
+    "redis",
+    "consumer",
+    "limits",
+    "pubsub",
+    "broadcast",
+    "jwt",
+    "cors",
+    "tls",
+];
+
+/// Every configuration key, as a dotted path.
+const KEYS: &[&str] = &[
+    "http_address",
+    "bearer_token",
+    "tokens",
+    "backend",
+    "redis.url",
+    "redis.connect_retries",
+    "redis.pool_size",
+    "redis.response_timeout",
+    "redis_address",
+    "redis_password",
+    "redis_db",
+    "sse_keepalive_interval_sec",
+    "consumer.default_limit",
+    "consumer.visibility_timeout",
+    "consumer.max_deliveries",
+    "consumer.delete_on_finish",
+    "limits.max_message_bytes",
+    "limits.max_body_bytes",
+    "limits.max_batch_messages",
+    "limits.max_connections",
+    "limits.rate_per_second",
+    "limits.burst",
+    "retention",
+    "pubsub.patterns",
+    "pubsub.stream_prefix",
+    "pubsub.max_len",
+    "pubsub.idle_ttl",
+    "broadcast.channel_prefix",
+    "jwt.hs256_secret",
+    "jwt.public_key_pem",
+    "jwt.audience",
+    "jwt.issuer",
+    "cors.allowed_origins",
+    "tls.cert",
+    "tls.key",
+    "shutdown_timeout",
+    "log_format",
+    "log_level",
+];
+
+fn is_section(path: &str) -> bool {
+    SECTIONS.contains(&path)
+}
+
+fn is_known_path(path: &str) -> bool {
+    KEYS.contains(&path)
+}
+
+/// A value that must never be printed or logged.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    /// The secret itself, for the one place that needs it.
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("<redacted>")
+    }
+}
+
+impl Serialize for Secret {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        redacted(self, serializer)
+    }
+}
+
+/// Serializes any secret as `"<redacted>"`.
+pub fn redacted<T, S: Serializer>(_: &T, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_str("<redacted>")
+}
+
+fn humantime<S: Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(&humantime::format_duration(*duration))
+}
+
+fn optional_humantime<S: Serializer>(
+    duration: &Option<Duration>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match duration {
+        Some(duration) => humantime(duration, serializer),
+        None => serializer.serialize_none(),
+    }
+}
+
+/// Which store to use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    Embedded,
+    Redis,
+}
+
+/// Log line format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone, Serialize)]
+pub struct Config {
+    #[serde(serialize_with = "serialize_display")]
+    pub http_address: SocketAddr,
+    /// The full-access token; generated (and loopback-only) when no credential is configured.
+    #[serde(serialize_with = "serialize_bearer")]
+    pub bearer_token: Option<Secret>,
+    #[serde(skip)]
+    pub bearer_token_generated: bool,
+    pub backend: BackendKind,
+    #[serde(serialize_with = "serialize_keepalive")]
+    pub sse_keepalive_interval_sec: Option<Duration>,
+    #[serde(serialize_with = "humantime")]
+    pub shutdown_timeout: Duration,
+    pub log_format: LogFormat,
+    pub log_level: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub redis: Option<RedisSettings>,
+    pub consumer: ConsumerConfig,
+    pub limits: Limits,
+    pub broadcast: BroadcastConfig,
+    pub pubsub: PubSubConfig,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt: Option<JwtConfig>,
+    pub cors: CorsConfig,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls: Option<TlsConfig>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub tokens: Vec<StaticToken>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub retention: Vec<RetentionRule>,
+    /// Things worth telling the operator that do not stop start-up.
+    #[serde(skip)]
+    pub warnings: Vec<String>,
+}
+
+fn serialize_display<T: std::fmt::Display, S: Serializer>(
+    value: &T,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.collect_str(value)
+}
+
+fn serialize_bearer<S: Serializer>(
+    token: &Option<Secret>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match token {
+        Some(_) => serializer.serialize_str("<redacted>"),
+        None => serializer.serialize_str("<none>"),
+    }
+}
+
+fn serialize_keepalive<S: Serializer>(
+    interval: &Option<Duration>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    serializer.serialize_i64(interval.map_or(0, |interval| interval.as_secs() as i64))
+}
+
+/// How to reach Redis.
+#[derive(Debug, Clone, Serialize)]
+pub struct RedisSettings {
+    /// The URL without its password.
+    pub url: String,
+    pub connect_retries: u32,
+    pub pool_size: usize,
+    #[serde(serialize_with = "humantime")]
+    pub response_timeout: Duration,
+    #[serde(skip)]
+    pub options: RedisOptions,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ConsumerConfig {
+    pub default_limit: u32,
+    #[serde(serialize_with = "humantime")]
+    pub visibility_timeout: Duration,
+    pub max_deliveries: u32,
+    pub delete_on_finish: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Limits {
+    pub max_message_bytes: usize,
+    pub max_body_bytes: usize,
+    pub max_batch_messages: usize,
+    pub max_connections: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub rate_per_second: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RetentionRule {
+    pub pattern: StreamPattern,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_len: Option<u64>,
+    #[serde(
+        serialize_with = "optional_humantime",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_age: Option<Duration>,
+    #[serde(
+        serialize_with = "optional_humantime",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub idle_ttl: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PubSubConfig {
+    pub patterns: Vec<String>,
+    pub stream_prefix: String,
+    pub max_len: u64,
+    #[serde(serialize_with = "humantime")]
+    pub idle_ttl: Duration,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct BroadcastConfig {
+    pub channel_prefix: String,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct JwtConfig {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hs256_secret: Option<Secret>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub public_key_pem: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub audience: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub issuer: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CorsConfig {
+    pub allowed_origins: Vec<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TlsConfig {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// How long an idempotency key is remembered.
+pub const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 60 * 60);
+
+impl Config {
+    /// Reads and validates the configuration from `sources`. The error lists every problem.
+    pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
+        let layered = sources
+            .layer()
+            .map_err(|problem| ConfigError(vec![problem]))?;
+        let mut reader = Reader::new(&layered);
+        let config = read(&mut reader);
+        reader.report_unknown_keys();
+        if !reader.errors.is_empty() {
+            return Err(ConfigError(reader.errors));
+        }
+        let mut config = config.ok_or_else(|| ConfigError(vec!["invalid configuration".into()]))?;
+        config
+            .warnings
+            .extend(layered.unknown_env.iter().map(|name| {
+                format!("environment variable {name} names no configuration key; ignored")
+            }));
+        Ok(config)
+    }
+
+    /// The effective configuration as TOML, secrets redacted.
+    pub fn to_effective_toml(&self) -> String {
+        toml::to_string(self).unwrap_or_else(|error| format!("# cannot render: {error}\n"))
+    }
+
+    /// The retention that applies to `stream`: the first `[[retention]]` rule whose pattern
+    /// matches it.
+    pub fn retention_for(&self, stream: &str) -> Retention {
+        self.retention
+            .iter()
+            .find(|rule| rule.pattern.matches(stream))
+            .map(|rule| Retention {
+                max_len: rule.max_len,
+                max_age: rule.max_age,
+                idle_ttl: rule.idle_ttl,
+            })
+            .unwrap_or_default()
+    }
+
+    /// Whether any credential other than a generated token is configured.
+    pub fn has_configured_credentials(&self) -> bool {
+        (self.bearer_token.is_some() && !self.bearer_token_generated)
+            || !self.tokens.is_empty()
+            || self.jwt.is_some()
+    }
+}
+
+/// Every problem found in the configuration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError(pub Vec<String>);
+
+impl std::fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0.as_slice() {
+            [one] => write!(f, "invalid configuration: {one}"),
+            many => {
+                write!(f, "invalid configuration ({} problems):", many.len())?;
+                for problem in many {
+                    write!(f, "\n  - {problem}")?;
+                }
+                Ok(())
+            }
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Reads every key. Returns `None` only when an error was recorded.
+fn read(r: &mut Reader) -> Option<Config> {
+    let http_address = read_http_address(r);
+    let configured_token = r.string("bearer_token").filter(|token| !token.is_empty());
+    let tokens = read_tokens(r);
+    let jwt = read_jwt(r);
+    let (backend, redis) = read_backend(r);
+    let sse_keepalive_interval_sec = r
+        .integer("sse_keepalive_interval_sec", i64::MIN..=i64::MAX)
+        .unwrap_or(15);
+    let consumer = ConsumerConfig {
+        default_limit: r
+            .integer("consumer.default_limit", 1..=100_000)
+            .unwrap_or(10) as u32,
+        visibility_timeout: positive(r, "consumer.visibility_timeout")
+            .unwrap_or(Duration::from_secs(300)),
+        max_deliveries: r
+            .integer("consumer.max_deliveries", 0..=1_000_000)
+            .unwrap_or(10) as u32,
+        delete_on_finish: r.boolean("consumer.delete_on_finish").unwrap_or(false),
+    };
+    let limits = Limits {
+        max_message_bytes: r.byte_size("limits.max_message_bytes").unwrap_or(1 << 20) as usize,
+        max_body_bytes: r.byte_size("limits.max_body_bytes").unwrap_or(16 << 20) as usize,
+        max_batch_messages: r
+            .integer("limits.max_batch_messages", 1..=1_000_000)
+            .unwrap_or(10_000) as usize,
+        max_connections: r
+            .integer("limits.max_connections", 1..=10_000_000)
+            .unwrap_or(10_000) as usize,
+        rate_per_second: r.number("limits.rate_per_second"),
+        burst: r
+            .integer("limits.burst", 1..=u32::MAX as i64)
+            .map(|n| n as u32),
+    };
+    if limits.max_message_bytes > limits.max_body_bytes {
+        r.problem(format!(
+            "limits.max_message_bytes ({}) must not exceed limits.max_body_bytes ({})",
+            limits.max_message_bytes, limits.max_body_bytes
+        ));
+    }
+    if limits.burst.is_some() && limits.rate_per_second.is_none() {
+        r.problem("limits.burst is set but limits.rate_per_second is not: set both to enable rate limiting");
+    }
+    let retention = read_retention(r);
+    let pubsub = PubSubConfig {
+        patterns: r.string_list("pubsub.patterns").unwrap_or_default(),
+        stream_prefix: prefix(r, "pubsub.stream_prefix"),
+        max_len: r.unsigned("pubsub.max_len", 1).unwrap_or(100),
+        idle_ttl: positive(r, "pubsub.idle_ttl").unwrap_or(Duration::from_secs(3600)),
+    };
+    let broadcast = BroadcastConfig {
+        channel_prefix: prefix(r, "broadcast.channel_prefix"),
+    };
+    let cors = CorsConfig {
+        allowed_origins: r.string_list("cors.allowed_origins").unwrap_or_default(),
+    };
+    if cors.allowed_origins.iter().any(|origin| origin == "*") {
+        r.error(
+            "cors.allowed_origins",
+            "list origins explicitly; \"*\" is not allowed (requests carry credentials)",
+        );
+    }
+    let tls = read_tls(r);
+    let shutdown_timeout = r
+        .duration("shutdown_timeout")
+        .unwrap_or(Duration::from_secs(30));
+    let log_format = match r.string("log_format").as_deref() {
+        None | Some("text") => LogFormat::Text,
+        Some("json") => LogFormat::Json,
+        Some(other) => {
+            r.error(
+                "log_format",
+                format!("expected \"text\" or \"json\", got {other:?}"),
+            );
+            LogFormat::Text
+        }
+    };
+    let log_level = r.string("log_level").unwrap_or_else(|| "info".into());
+    if tracing_subscriber::EnvFilter::try_new(&log_level).is_err() {
+        r.error(
+            "log_level",
+            format!("{log_level:?} is not a level (error, warn, info, debug, trace) or filter"),
+        );
+    }
+
+    // Secure by default: without any configured credential, generate a token and insist on a
+    // loopback address, so a fresh `cargo run` is never an open gateway on the network.
+    let has_credentials = configured_token.is_some() || !tokens.is_empty() || jwt.is_some();
+    let bearer_token_generated = !has_credentials;
+    let bearer_token = match configured_token {
+        Some(token) => Some(Secret::new(token)),
+        None if bearer_token_generated => Some(Secret::new(generate_token())),
+        None => None,
+    };
+    if let Some(address) = http_address
+        && bearer_token_generated
+        && !address.ip().is_loopback()
+    {
+        r.error(
+            "http_address",
+            format!(
+                "refusing to listen on non-loopback address {address} without a configured token: set \
+                 bearer_token (--bearer-token, STREAMGATE_BEARER_TOKEN) or [[tokens]], or listen on 127.0.0.1"
+            ),
+        );
+    }
+
+    if !r.errors.is_empty() {
+        return None;
+    }
+    Some(Config {
+        http_address: http_address?,
+        bearer_token,
+        bearer_token_generated,
+        backend,
+        sse_keepalive_interval_sec: (sse_keepalive_interval_sec > 0)
+            .then(|| Duration::from_secs(sse_keepalive_interval_sec as u64)),
+        shutdown_timeout,
+        log_format,
+        log_level,
+        redis,
+        consumer,
+        limits,
+        broadcast,
+        pubsub,
+        jwt,
+        cors,
+        tls,
+        tokens,
+        retention,
+        warnings: Vec::new(),
+    })
+}
+
+fn positive(r: &mut Reader, path: &str) -> Option<Duration> {
+    let duration = r.duration(path)?;
+    if duration.is_zero() {
+        r.error(path, "must be greater than zero");
+        return None;
+    }
+    Some(duration)
+}
+
+fn prefix(r: &mut Reader, path: &str) -> String {
+    r.string(path).unwrap_or_else(|| "sse:stream:".into())
+}
+
+/// `host:port`, `localhost:port`, or Go's `:port` (all interfaces).
+fn read_http_address(r: &mut Reader) -> Option<SocketAddr> {
+    let Some(text) = r.string("http_address") else {
+        return Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8080));
+    };
+    match parse_listen_address(&text) {
+        Some(address) => Some(address),
+        None => {
+            r.error(
+                "http_address",
+                format!("expected IP:PORT (e.g. 127.0.0.1:8080, [::1]:8080, :8080), got {text:?}"),
+            );
+            None
+        }
+    }
+}
+
+fn parse_listen_address(text: &str) -> Option<SocketAddr> {
+    if let Some(port) = text.strip_prefix(':') {
+        return Some(SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::UNSPECIFIED),
+            port.parse().ok()?,
+        ));
+    }
+    if let Some(port) = text.strip_prefix("localhost:") {
+        return Some(SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::LOCALHOST),
+            port.parse().ok()?,
+        ));
+    }
+    text.parse().ok()
+}
+
+fn read_tokens(r: &mut Reader) -> Vec<StaticToken> {
+    let Some(tables) = r.tables("tokens") else {
+        return Vec::new();
+    };
+    let mut tokens = Vec::new();
+    for (index, table) in tables.iter().enumerate() {
+        let at = format!("tokens[{index}]");
+        let text = |key: &str| {
+            table
+                .get(key)
+                .and_then(|value| value.as_str())
+                .map(str::to_owned)
+        };
+        for key in table.keys() {
+            if !["name", "token", "token_sha256", "scopes", "streams"].contains(&key.as_str()) {
+                r.error("tokens", format!("{at}: unknown key `{key}`"));
+            }
+        }
+        let name = text("name").unwrap_or_else(|| at.clone());
+        let sha256 = match (text("token"), text("token_sha256")) {
+            (Some(token), None) if !token.is_empty() => Some(token_digest(&token)),
+            (None, Some(hex_digest)) => {
+                let mut digest = [0u8; 32];
+                match hex::decode_to_slice(hex_digest.trim(), &mut digest) {
+                    Ok(()) => Some(digest),
+                    Err(_) => {
+                        r.error(
+                            "tokens",
+                            format!("{at} ({name}): token_sha256 must be 64 hexadecimal digits"),
+                        );
+                        None
+                    }
+                }
+            }
+            _ => {
+                r.error(
+                    "tokens",
+                    format!("{at} ({name}): set exactly one of `token` or `token_sha256`"),
+                );
+                None
+            }
+        };
+        let scopes: Vec<Scope> = match table.get("scopes").and_then(|value| value.as_array()) {
+            Some(items) => items
+                .iter()
+                .filter_map(|item| {
+                    let scope = item.as_str().and_then(Scope::parse);
+                    if scope.is_none() {
+                        r.error(
+                            "tokens",
+                            format!("{at} ({name}): scope {item} is not publish, consume or admin"),
+                        );
+                    }
+                    scope
+                })
+                .collect(),
+            None => {
+                r.error(
+                    "tokens",
+                    format!("{at} ({name}): `scopes` must list publish, consume and/or admin"),
+                );
+                Vec::new()
+            }
+        };
+        let streams = table.get("streams").map(|value| {
+            let items = value.as_array().cloned().unwrap_or_default();
+            if value.as_array().is_none() {
+                r.error(
+                    "tokens",
+                    format!("{at} ({name}): `streams` must be a list of globs"),
+                );
+            }
+            items
+                .iter()
+                .filter_map(|item| match item.as_str().map(StreamPattern::parse) {
+                    Some(Ok(pattern)) => Some(pattern),
+                    _ => {
+                        r.error(
+                            "tokens",
+                            format!("{at} ({name}): {item} is not a valid stream glob"),
+                        );
+                        None
+                    }
+                })
+                .collect()
+        });
+        if let Some(sha256) = sha256 {
+            tokens.push(StaticToken {
+                name,
+                sha256,
+                scopes,
+                streams,
+            });
+        }
+    }
+    tokens
+}
+
+fn read_jwt(r: &mut Reader) -> Option<JwtConfig> {
+    let jwt = JwtConfig {
+        hs256_secret: r.string("jwt.hs256_secret").map(Secret::new),
+        public_key_pem: r.string("jwt.public_key_pem"),
+        audience: r.string("jwt.audience"),
+        issuer: r.string("jwt.issuer"),
+    };
+    match (&jwt.hs256_secret, &jwt.public_key_pem) {
+        (None, None) => {
+            if jwt.audience.is_some() || jwt.issuer.is_some() {
+                r.problem("jwt.audience/jwt.issuer are set but no key is: set jwt.hs256_secret or jwt.public_key_pem");
+            }
+            None
+        }
+        (Some(_), Some(_)) => {
+            r.problem("set one of jwt.hs256_secret or jwt.public_key_pem, not both");
+            None
+        }
+        _ => Some(jwt),
+    }
+}
+
+fn read_tls(r: &mut Reader) -> Option<TlsConfig> {
+    match (r.string("tls.cert"), r.string("tls.key")) {
+        (Some(cert), Some(key)) => Some(TlsConfig {
+            cert: cert.into(),
+            key: key.into(),
+        }),
+        (None, None) => None,
+        _ => {
+            r.problem("tls.cert and tls.key must be set together");
+            None
+        }
+    }
+}
+
+fn read_retention(r: &mut Reader) -> Vec<RetentionRule> {
+    let Some(tables) = r.tables("retention") else {
+        return Vec::new();
+    };
+    let mut rules = Vec::new();
+    for (index, table) in tables.iter().enumerate() {
+        let at = format!("retention[{index}]");
+        for key in table.keys() {
+            if !["pattern", "max_len", "max_age", "idle_ttl"].contains(&key.as_str()) {
+                r.error("retention", format!("{at}: unknown key `{key}`"));
+            }
+        }
+        let pattern = match table
+            .get("pattern")
+            .and_then(|value| value.as_str())
+            .map(StreamPattern::parse)
+        {
+            Some(Ok(pattern)) => Some(pattern),
+            _ => {
+                r.error(
+                    "retention",
+                    format!("{at}: `pattern` must be a stream glob such as \"orders.*\""),
+                );
+                None
+            }
+        };
+        let max_len = match table.get("max_len") {
+            None => None,
+            Some(toml::Value::Integer(n)) if *n > 0 => Some(*n as u64),
+            Some(other) => {
+                r.error(
+                    "retention",
+                    format!("{at}: max_len must be a positive whole number, got {other}"),
+                );
+                None
+            }
+        };
+        let mut duration = |key: &str| match table.get(key) {
+            None => None,
+            Some(toml::Value::Integer(n)) if *n > 0 => Some(Duration::from_secs(*n as u64)),
+            Some(toml::Value::String(text))
+                if reader::parse_duration(text).is_some_and(|d| !d.is_zero()) =>
+            {
+                reader::parse_duration(text)
+            }
+            Some(other) => {
+                r.error(
+                    "retention",
+                    format!("{at}: {key} must be a duration such as \"1h\", got {other}"),
+                );
+                None
+            }
+        };
+        let (max_age, idle_ttl) = (duration("max_age"), duration("idle_ttl"));
+        if let Some(pattern) = pattern {
+            rules.push(RetentionRule {
+                pattern,
+                max_len,
+                max_age,
+                idle_ttl,
+            });
+        }
+    }
+    rules
+}
+
+/// The backend to use and, for Redis, how to reach it.
+fn read_backend(r: &mut Reader) -> (BackendKind, Option<RedisSettings>) {
+    let url = r.string("redis.url");
+    let address = r
+        .string("redis_address")
+        .filter(|address| !address.is_empty());
+    let password = r
+        .string("redis_password")
+        .filter(|password| !password.is_empty());
+    let db = r.integer("redis_db", 0..=1_000_000);
+    let connect_retries = r.integer("redis.connect_retries", 0..=1000).unwrap_or(3) as u32;
+    let pool_size = r.integer("redis.pool_size", 1..=64).unwrap_or(4) as usize;
+    let response_timeout = positive(r, "redis.response_timeout").unwrap_or(Duration::from_secs(10));
+    let redis_configured = url.is_some() || address.is_some();
+    let kind = match r.string("backend").as_deref() {
+        None => {
+            if redis_configured {
+                BackendKind::Redis
+            } else {
+                BackendKind::Embedded
+            }
+        }
+        Some("redis") => BackendKind::Redis,
+        Some("embedded") => {
+            if redis_configured {
+                r.error(
+                    "backend",
+                    "is \"embedded\" but a Redis URL or address is also set; remove one",
+                );
+            }
+            BackendKind::Embedded
+        }
+        Some(other) => {
+            r.error(
+                "backend",
+                format!("expected \"embedded\" or \"redis\", got {other:?}"),
+            );
+            BackendKind::Embedded
+        }
+    };
+    if kind == BackendKind::Embedded {
+        return (kind, None);
+    }
+    if url.is_some() && address.is_some() {
+        r.problem(
+            "set either redis.url (--redis-url) or redis_address (--redis-address), not both",
+        );
+        return (kind, None);
+    }
+    let base = match (url, address) {
+        (Some(url), _) => url,
+        (None, Some(address)) => format!("redis://{address}"),
+        (None, None) => "redis://127.0.0.1:6379".to_owned(),
+    };
+    let mut parsed = match url::Url::parse(&base) {
+        Ok(parsed)
+            if matches!(parsed.scheme(), "redis" | "rediss") && parsed.host_str().is_some() =>
+        {
+            parsed
+        }
+        _ => {
+            let path = if r.is_set("redis.url") {
+                "redis.url"
+            } else {
+                "redis_address"
+            };
+            r.error(
+                path,
+                "expected redis://[user:pass@]host:port/db, rediss://… or HOST:PORT",
+            );
+            return (kind, None);
+        }
+    };
+    if parsed.scheme() == "rediss" {
+        r.error(
+            "redis.url",
+            "rediss:// (TLS to Redis) is not supported by this build yet",
+        );
+    }
+    if let Some(password) = &password
+        && parsed.set_password(Some(password)).is_err()
+    {
+        r.problem("redis_password cannot be applied to the Redis URL");
+    }
+    if let Some(db) = db {
+        parsed.set_path(&format!("/{db}"));
+    }
+    let port = parsed.port().unwrap_or(6379);
+    let host = parsed.host_str().unwrap_or_default().to_owned();
+    let db_suffix = match parsed.path().trim_start_matches('/') {
+        "" | "0" => String::new(),
+        db => format!("/{db}"),
+    };
+    let display_address = format!("{host}:{port}{db_suffix}");
+    let mut shown = parsed.clone();
+    if shown.password().is_some() {
+        // The URL always parses back, so setting a password cannot fail here.
+        let _ = shown.set_password(Some("redacted"));
+    }
+    let options = RedisOptions {
+        url: parsed.to_string(),
+        display_address,
+        pool_size,
+        connect_retries,
+        response_timeout,
+        connect_timeout: Duration::from_secs(2),
+    };
+    (
+        kind,
+        Some(RedisSettings {
+            url: shown.to_string(),
+            connect_retries,
+            pool_size,
+            response_timeout,
+            options,
+        }),
+    )
+}
+
+/// A random 256-bit token, hex-encoded.
+fn generate_token() -> String {
+    hex::encode(rand::random::<[u8; 32]>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(
+        file: Option<&str>,
+        env: &[(&str, &str)],
+        flags: &[&str],
+    ) -> Result<Config, ConfigError> {
+        use clap::Parser;
+        let dir = tempfile::tempdir().unwrap();
+        let mut args = vec!["streamgate".to_owned()];
+        if let Some(text) = file {
+            let path = dir.path().join("streamgate.toml");
+            std::fs::write(&path, text).unwrap();
+            args.push(format!("--config={}", path.display()));
+        }
+        args.extend(flags.iter().map(|flag| flag.to_string()));
+        let cli = Cli::try_parse_from(normalize_go_style_flags(args)).unwrap();
+        let sources = Sources {
+            env: env
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            flags: cli.flags,
+        };
+        Config::load(&sources)
+    }
+
+    #[test]
+    fn defaults_are_embedded_on_loopback_with_a_generated_token() {
+        let config = load(None, &[], &[]).unwrap();
+        assert_eq!(config.backend, BackendKind::Embedded);
+        assert_eq!(config.http_address.to_string(), "127.0.0.1:8080");
+        assert!(config.bearer_token_generated);
+        assert_eq!(config.bearer_token.as_ref().unwrap().expose().len(), 64);
+        assert_eq!(config.consumer.default_limit, 10);
+        assert_eq!(config.consumer.visibility_timeout, Duration::from_secs(300));
+        assert_eq!(
+            config.sse_keepalive_interval_sec,
+            Some(Duration::from_secs(15))
+        );
+        assert_eq!(config.limits.max_message_bytes, 1 << 20);
+    }
+
+    #[test]
+    fn file_then_env_then_flags() {
+        let file = "http_address = \"127.0.0.1:1000\"\nbearer_token = \"file\"\n[consumer]\ndefault_limit = 3\nvisibility_timeout = \"5s\"\n";
+        let config = load(Some(file), &[], &[]).unwrap();
+        assert_eq!(config.http_address.port(), 1000);
+        assert_eq!(config.bearer_token.as_ref().unwrap().expose(), "file");
+        assert_eq!(config.consumer.visibility_timeout, Duration::from_secs(5));
+
+        let env = [
+            ("STREAMGATE_HTTP_ADDRESS", "127.0.0.1:2000"),
+            ("STREAMGATE_CONSUMER__DEFAULT_LIMIT", "7"),
+        ];
+        let config = load(Some(file), &env, &[]).unwrap();
+        assert_eq!(config.http_address.port(), 2000);
+        assert_eq!(config.consumer.default_limit, 7);
+
+        let config = load(Some(file), &env, &["--http-address", "127.0.0.1:3000"]).unwrap();
+        assert_eq!(config.http_address.port(), 3000);
+        assert_eq!(config.consumer.default_limit, 7);
+    }
+
+    #[test]
+    fn rs_http_facade_names_are_accepted() {
+        let env = [
+            ("RS_HTTP_FACADE_REDIS_ADDRESS", "localhost:7000"),
+            ("RS_HTTP_FACADE_REDIS_PASSWORD", "pw"),
+            ("RS_HTTP_FACADE_REDIS_DB", "2"),
+            ("RS_HTTP_FACADE_BEARER_TOKEN", "t"),
+            ("RS_HTTP_FACADE_SSE_KEEPALIVE_INTERVAL_SEC", "-1"),
+        ];
+        let config = load(None, &env, &["-http-address=:9000"]).unwrap();
+        assert_eq!(config.backend, BackendKind::Redis);
+        let redis = config.redis.unwrap();
+        assert_eq!(redis.options.url, "redis://:pw@localhost:7000/2");
+        assert_eq!(redis.options.display_address, "localhost:7000/2");
+        assert!(!redis.url.contains("pw"));
+        assert_eq!(config.http_address.to_string(), "0.0.0.0:9000");
+        assert_eq!(config.sse_keepalive_interval_sec, None);
+        // Our own prefix wins over the compatibility name.
+        let config = load(
+            None,
+            &[
+                ("RS_HTTP_FACADE_BEARER_TOKEN", "a"),
+                ("STREAMGATE_BEARER_TOKEN", "b"),
+            ],
+            &[],
+        )
+        .unwrap();
+        assert_eq!(config.bearer_token.unwrap().expose(), "b");
+    }
+
+    #[test]
+    fn every_problem_is_reported_at_once() {
+        let file =
+            "bogus = 1\n[consumer]\ndefault_limit = \"many\"\nvisibility_timeout = \"soon\"\n";
+        let error = load(Some(file), &[("STREAMGATE_LOG_FORMAT", "xml")], &[]).unwrap_err();
+        let text = error.to_string();
+        assert_eq!(error.0.len(), 4, "{text}");
+        assert!(text.contains("consumer.default_limit"), "{text}");
+        assert!(text.contains("consumer.visibility_timeout"), "{text}");
+        assert!(text.contains("STREAMGATE_LOG_FORMAT"), "{text}");
+        assert!(text.contains("bogus"), "{text}");
+    }
+
+    #[test]
+    fn malformed_file_names_the_line() {
+        let error = load(Some("a = 1\nb = = 2\n"), &[], &[])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("line 2"), "{error}");
+    }
+
+    #[test]
+    fn non_loopback_needs_a_token() {
+        let error = load(None, &[], &["--http-address", "0.0.0.0:8080"])
+            .unwrap_err()
+            .to_string();
+        assert!(error.contains("refusing"), "{error}");
+        assert!(
+            load(
+                None,
+                &[],
+                &["--http-address", "0.0.0.0:8080", "--bearer-token", "x"]
+            )
+            .is_ok()
+        );
+        let scoped = "http_address = \"0.0.0.0:8080\"\n[[tokens]]\nname = \"w\"\ntoken = \"t\"\nscopes = [\"publish\"]\n";
+        let config = load(Some(scoped), &[], &[]).unwrap();
+        assert!(
+            config.bearer_token.is_none(),
+            "scoped tokens mean no generated token"
+        );
+    }
+
+    #[test]
+    fn tokens_and_retention_parse() {
+        let file = r#"
+[[tokens]]
+name = "reader"
+token_sha256 = "2bb80d537b1da3e38bd30361aa855686bde0eacd7162fef6a25fe97bf527a25b"
+scopes = ["consume"]
+streams = ["orders.*"]
+
+[[retention]]
+pattern = "logs.*"
+max_len = 1000
+max_age = "1h"
+"#;
+        let config = load(Some(file), &[], &[]).unwrap();
+        assert_eq!(config.tokens.len(), 1);
+        assert_eq!(config.retention_for("logs.app").max_len, Some(1000));
+        assert_eq!(
+            config.retention_for("logs.app").max_age,
+            Some(Duration::from_secs(3600))
+        );
+        assert_eq!(config.retention_for("orders"), Retention::default());
+        let env = [(
+            "STREAMGATE_TOKENS",
+            r#"[{ name = "x", token = "y", scopes = ["admin"] }]"#,
+        )];
+        assert_eq!(load(None, &env, &[]).unwrap().tokens[0].name, "x");
+    }
+
+    #[test]
+    fn effective_configuration_hides_secrets() {
+        let config = load(
+            None,
+            &[(
+                "STREAMGATE_REDIS__URL",
+                "redis://u:hunter2@127.0.0.1:6390/1",
+            )],
+            &["--bearer-token", "tok3n"],
+        )
+        .unwrap();
+        let text = config.to_effective_toml();
+        assert!(
+            !text.contains("hunter2") && !text.contains("tok3n"),
+            "{text}"
+        );
+        assert!(text.contains("backend = \"redis\""), "{text}");
+        assert!(text.contains("[consumer]"), "{text}");
+    }
+}

@@ -1,0 +1,95 @@
+//! Extractors that turn request parts into model types, answering bad input with a problem+json
+//! 4xx (axum's own rejections are plain text, so none of them reaches a client).
+
+use axum::body::Bytes;
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
+use axum::http::header;
+use axum::http::request::Parts;
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+
+use super::AppState;
+use super::error::ApiError;
+use crate::model::StreamName;
+
+/// The request body, read up to `limits.max_body_bytes` (413 beyond).
+pub struct LimitedBody(pub Bytes);
+
+impl FromRequest<AppState> for LimitedBody {
+    type Rejection = ApiError;
+
+    async fn from_request(request: Request, state: &AppState) -> Result<Self, Self::Rejection> {
+        let limit = state.config.limits.max_body_bytes;
+        let too_large =
+            || ApiError::PayloadTooLarge(format!("the request body exceeds {limit} bytes"));
+        let declared = request
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|value| value.to_str().ok())
+            .and_then(|value| value.parse::<u64>().ok());
+        if declared.is_some_and(|length| length > limit as u64) {
+            return Err(too_large());
+        }
+        let bytes = axum::body::to_bytes(request.into_body(), limit)
+            .await
+            .map_err(|error| {
+                let is_limit = std::error::Error::source(&error)
+                    .is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
+                if is_limit {
+                    too_large()
+                } else {
+                    ApiError::BadRequest(format!("cannot read the request body: {error}"))
+                }
+            })?;
+        Ok(LimitedBody(bytes))
+    }
+}
+
+/// Parses a JSON body, naming the problem when it is malformed.
+pub fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
+    if body.iter().all(u8::is_ascii_whitespace) {
+        return Err(ApiError::BadRequest(
+            "the request body is empty; a JSON object is expected".into(),
+        ));
+    }
+    serde_json::from_slice(body)
+        .map_err(|error| ApiError::BadRequest(format!("invalid JSON body: {error}")))
+}
+
+/// Parses a stream name given by a client, answering 400 with the reason.
+pub fn stream_name(text: impl Into<String>) -> Result<StreamName, ApiError> {
+    StreamName::parse(text)
+        .map_err(|error| ApiError::BadRequest(format!("invalid stream name: {error}")))
+}
+
+/// The `{stream}` segment of the path, validated.
+pub struct StreamPath(pub StreamName);
+
+impl<S: Send + Sync> FromRequestParts<S> for StreamPath {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        #[derive(Deserialize)]
+        struct Segment {
+            stream: String,
+        }
+        let Path(segment) = Path::<Segment>::from_request_parts(parts, state)
+            .await
+            .map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
+        stream_name(segment.stream).map(StreamPath)
+    }
+}
+
+/// Query parameters, 400 when they do not parse.
+pub struct ApiQuery<T>(pub T);
+
+impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        Query::<T>::from_request_parts(parts, state)
+            .await
+            .map(|Query(value)| ApiQuery(value))
+            .map_err(|rejection| ApiError::BadRequest(rejection.body_text()))
+    }
+}

@@ -1,0 +1,168 @@
+//! The HTTP layer: the router, shared state, and the middleware every request passes through
+//! (correlation id, request log, authentication). The only layer that knows status codes, headers
+//! and JSON shapes; one file per endpoint family, each exporting `router()`.
+
+pub mod admin;
+pub mod auth;
+pub mod error;
+pub mod extract;
+pub mod health;
+pub mod produce;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Instant;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, Request};
+use axum::http::{HeaderValue, Method, Uri};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use self::error::{ApiError, CORRELATION_ID};
+use crate::auth::Authenticator;
+use crate::backend::AnyBackend;
+use crate::config::Config;
+
+/// Everything handlers share. Cheap to clone.
+#[derive(Clone)]
+pub struct AppState {
+    pub backend: AnyBackend,
+    pub config: Arc<Config>,
+    pub authenticator: Arc<Authenticator>,
+    pub connections: Arc<ConnectionCounts>,
+    /// Cancelled when shutdown begins.
+    pub shutdown: CancellationToken,
+    pub started_at: Instant,
+}
+
+impl AppState {
+    pub fn new(backend: AnyBackend, config: Arc<Config>, shutdown: CancellationToken) -> AppState {
+        let authenticator = Authenticator::new(
+            config.bearer_token.as_ref().map(|token| token.expose()),
+            &config.tokens,
+        );
+        AppState {
+            backend,
+            config,
+            authenticator: Arc::new(authenticator),
+            connections: Arc::new(ConnectionCounts::default()),
+            shutdown,
+            started_at: Instant::now(),
+        }
+    }
+}
+
+/// Open streaming connections by transport.
+#[derive(Debug, Default)]
+pub struct ConnectionCounts {
+    pub sse: AtomicU64,
+    pub websocket: AtomicU64,
+    pub long_poll: AtomicU64,
+}
+
+impl ConnectionCounts {
+    /// (sse, websocket, long_poll) right now.
+    pub fn snapshot(&self) -> (u64, u64, u64) {
+        (
+            self.sse.load(Ordering::Relaxed),
+            self.websocket.load(Ordering::Relaxed),
+            self.long_poll.load(Ordering::Relaxed),
+        )
+    }
+}
+
+/// The whole application's routes.
+pub fn router(state: AppState) -> Router {
+    let authenticated = Router::new()
+        .merge(produce::router())
+        .merge(admin::router())
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_header_token,
+        ));
+    Router::new()
+        .merge(health::router())
+        .merge(authenticated)
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        // Bodies are read by `extract::LimitedBody` against the configured limit.
+        .layer(DefaultBodyLimit::disable())
+        .layer(middleware::from_fn(correlate))
+        .with_state(state)
+}
+
+async fn not_found(method: Method, uri: Uri) -> ApiError {
+    ApiError::NotFound(format!("no route for {method} {}", uri.path()))
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
+
+const CORRELATION_HEADER: &str = "x-correlation-id";
+
+/// The client's correlation id when it is usable in a header and a log line, else a new one.
+fn correlation_id(request: &Request) -> String {
+    ["x-correlation-id", "x-request-id"]
+        .iter()
+        .filter_map(|name| request.headers().get(*name)?.to_str().ok())
+        .find(|id| (1..=128).contains(&id.len()) && id.bytes().all(|b| b.is_ascii_graphic()))
+        .map(str::to_owned)
+        .unwrap_or_else(|| hex::encode(rand::random::<[u8; 12]>()))
+}
+
+/// The query string with token parameters redacted, for logging.
+fn loggable_query(uri: &Uri) -> String {
+    form_urlencoded::parse(uri.query().unwrap_or_default().as_bytes())
+        .map(|(name, value)| {
+            if auth::QUERY_TOKEN_PARAMETERS.contains(&name.as_ref()) {
+                format!("{name}=<redacted>")
+            } else {
+                format!("{name}={value}")
+            }
+        })
+        .collect::<Vec<_>>()
+        .join("&")
+}
+
+/// Gives every request a correlation id (echoed in `X-Correlation-ID`, put in problem bodies
+/// and on every log line through the request span) and logs its outcome.
+async fn correlate(request: Request, next: Next) -> Response {
+    let id = correlation_id(&request);
+    let span = tracing::info_span!(
+        "request",
+        correlation_id = %id,
+        method = %request.method(),
+        path = %request.uri().path(),
+        query = tracing::field::Empty,
+    );
+    if request.uri().query().is_some() {
+        span.record("query", loggable_query(request.uri()));
+    }
+    let quiet = is_probe(request.uri().path());
+    let started = Instant::now();
+    let mut response = CORRELATION_ID
+        .scope(id.clone(), next.run(request).instrument(span.clone()))
+        .await;
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert(CORRELATION_HEADER, value);
+    }
+    let status = response.status().as_u16();
+    let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+    span.in_scope(|| {
+        if quiet {
+            tracing::debug!(status, elapsed_ms, "served");
+        } else {
+            tracing::info!(status, elapsed_ms, "served");
+        }
+    });
+    response.into_response()
+}
+
+/// Probes and scrapes arrive every few seconds; they are logged at debug level only.
+fn is_probe(path: &str) -> bool {
+    path.starts_with("/health") || path == "/ready" || path == "/metrics"
+}

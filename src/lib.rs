@@ -1,0 +1,18 @@
+//! streamgate puts Redis Streams on HTTP: producers POST messages, consumers receive them over
+//! Server-Sent Events, WebSocket or long-polling.
+//!
+//! Code map (see ARCHITECTURE.md for the invariants):
+//! - [`config`]: reads file, environment and flags into a validated [`config::Config`].
+//! - [`model`]: stream names, entry ids, entries — the vocabulary every layer shares.
+//! - [`auth`]: scopes, tokens and principals, independent of any transport.
+//! - [`backend`]: the storage contract and its Redis (and embedded) implementations.
+//! - [`http`]: routes, extraction, errors as problem+json; the only layer that knows HTTP.
+//! - [`app`]: wires it together and runs the server until shutdown.
+
+pub mod app;
+pub mod auth;
+pub mod backend;
+pub mod config;
+pub mod http;
+pub mod model;
+pub mod telemetry;

@@ -1,0 +1,92 @@
+//! The `streamgate` binary: parse the configuration, set up logging, bind, and run the app until a
+//! signal asks it to stop.
+
+use std::process::ExitCode;
+
+use clap::Parser;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use streamgate::config::{Cli, Command, Config, ConfigCommand, Sources, normalize_go_style_flags};
+use streamgate::{app, telemetry};
+
+fn main() -> ExitCode {
+    let cli = Cli::parse_from(normalize_go_style_flags(std::env::args()));
+    let config = match Config::load(&Sources::from_process(cli.flags)) {
+        Ok(config) => config,
+        Err(error) => {
+            eprintln!("streamgate: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    match cli.command {
+        Some(Command::Config(ConfigCommand::Check)) => {
+            for warning in &config.warnings {
+                eprintln!("warning: {warning}");
+            }
+            if config.bearer_token_generated {
+                println!(
+                    "# bearer_token: none configured; one is generated at start-up (loopback only)"
+                );
+            }
+            print!("{}", config.to_effective_toml());
+            ExitCode::SUCCESS
+        }
+        None | Some(Command::Serve) => serve(config),
+    }
+}
+
+fn serve(config: Config) -> ExitCode {
+    telemetry::init(config.log_format, &config.log_level);
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("streamgate: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async {
+        let listener = TcpListener::bind(config.http_address)
+            .await
+            .map_err(|error| {
+                anyhow::anyhow!("cannot listen on {}: {error}", config.http_address)
+            })?;
+        let shutdown = CancellationToken::new();
+        tokio::spawn(stop_on_signal(shutdown.clone()));
+        app::run(listener, config, shutdown).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{error:#}");
+            eprintln!("streamgate: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Cancels `shutdown` on SIGINT or SIGTERM; a second signal exits at once.
+async fn stop_on_signal(shutdown: CancellationToken) {
+    wait_for_signal().await;
+    tracing::info!("signal received");
+    shutdown.cancel();
+    wait_for_signal().await;
+    tracing::warn!("second signal: exiting without draining");
+    std::process::exit(130);
+}
+
+async fn wait_for_signal() {
+    let mut terminate =
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(signal) => signal,
+            Err(error) => {
+                tracing::error!(%error, "cannot listen for SIGTERM");
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = terminate.recv() => {}
+    }
+}

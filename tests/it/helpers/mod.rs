@@ -1,0 +1,203 @@
+//! Test helpers: a streamgate per test on port 0 (in-process, or the real binary as a child
+//! process), its own `redis-server`, and an HTTP client that talks to it over real HTTP.
+
+pub mod process;
+pub mod redis_server;
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use reqwest::{Client, Method, RequestBuilder, Response};
+use serde_json::Value;
+use tokio_util::sync::CancellationToken;
+
+use streamgate::config::{Config, Flags, Sources};
+
+pub use self::redis_server::RedisServer;
+
+/// The token every in-process test app accepts.
+pub const TOKEN: &str = "test-token-0123456789";
+
+/// Which backend a test app runs on.
+pub enum Backend {
+    Redis(RedisServer),
+}
+
+/// A running streamgate (in this process) and the backend it uses.
+pub struct TestApp {
+    pub address: SocketAddr,
+    pub client: Client,
+    pub redis: Option<RedisServer>,
+    shutdown: CancellationToken,
+    _config_dir: tempfile::TempDir,
+}
+
+/// Builds a configuration from TOML text, as a user's file would be read.
+pub fn config_from_toml(text: &str) -> (Config, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("streamgate.toml");
+    std::fs::write(&path, text).expect("write config");
+    let sources = Sources {
+        env: Vec::new(),
+        flags: Flags {
+            config: Some(path),
+            ..Flags::default()
+        },
+    };
+    let config = Config::load(&sources).unwrap_or_else(|error| panic!("test config: {error}"));
+    (config, dir)
+}
+
+impl TestApp {
+    /// A streamgate on Redis (its own redis-server), or `None` when Redis tests are skipped.
+    pub async fn on_redis(extra_toml: &str) -> Option<TestApp> {
+        let redis = RedisServer::start()?;
+        Some(TestApp::spawn(Backend::Redis(redis), extra_toml).await)
+    }
+
+    /// Starts streamgate on port 0 with `extra_toml` appended to the base configuration.
+    pub async fn spawn(backend: Backend, extra_toml: &str) -> TestApp {
+        let (backend_toml, redis) = match backend {
+            Backend::Redis(redis) => (
+                format!("redis_address = \"{}\"\n", redis.address()),
+                Some(redis),
+            ),
+        };
+        let text = format!(
+            "bearer_token = \"{TOKEN}\"\nshutdown_timeout = \"5s\"\n{backend_toml}{extra_toml}\n"
+        );
+        let (config, config_dir) = config_from_toml(&text);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = listener.local_addr().expect("address");
+        let shutdown = CancellationToken::new();
+        let run_shutdown = shutdown.clone();
+        tokio::spawn(async move {
+            if let Err(error) = streamgate::app::run(listener, config, run_shutdown).await {
+                panic!("streamgate stopped with an error: {error:#}");
+            }
+        });
+        let app = TestApp {
+            address,
+            client: Client::builder().no_proxy().build().expect("client"),
+            redis,
+            shutdown,
+            _config_dir: config_dir,
+        };
+        app.wait_until_live().await;
+        app
+    }
+
+    async fn wait_until_live(&self) {
+        for _ in 0..500 {
+            if let Ok(response) = self.client.get(self.url("/health/live")).send().await
+                && response.status().is_success()
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("streamgate did not come up at {}", self.address);
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://{}{}", self.address, path)
+    }
+
+    /// A request with the full-access token.
+    pub fn request(&self, method: Method, path: &str) -> RequestBuilder {
+        self.client
+            .request(method, self.url(path))
+            .bearer_auth(TOKEN)
+    }
+
+    pub async fn get(&self, path: &str) -> Response {
+        self.request(Method::GET, path).send().await.expect("GET")
+    }
+
+    pub async fn post_json(&self, path: &str, body: &Value) -> Response {
+        self.request(Method::POST, path)
+            .json(body)
+            .send()
+            .await
+            .expect("POST")
+    }
+
+    /// POSTs a body exactly as given (for byte-exact and malformed-input tests).
+    pub async fn post_raw(&self, path: &str, body: impl Into<reqwest::Body>) -> Response {
+        self.request(Method::POST, path)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+            .expect("POST")
+    }
+
+    /// Publishes one message and returns its id.
+    pub async fn publish(&self, stream: &str, data: Value) -> String {
+        let response = self
+            .post_json(
+                &format!("/api/streams/{stream}/messages"),
+                &serde_json::json!({ "data": data }),
+            )
+            .await;
+        assert_eq!(response.status(), 201, "publish to {stream}");
+        json(response).await["id"].as_str().expect("id").to_owned()
+    }
+
+    /// The test's redis-server (panics on the embedded backend).
+    pub fn redis(&self) -> &RedisServer {
+        self.redis.as_ref().expect("this test app runs on Redis")
+    }
+
+    pub fn redis_mut(&mut self) -> &mut RedisServer {
+        self.redis.as_mut().expect("this test app runs on Redis")
+    }
+}
+
+impl Drop for TestApp {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
+    }
+}
+
+/// The response body as JSON (panics with the text when it is not).
+pub async fn json(response: Response) -> Value {
+    let text = response.text().await.expect("body");
+    serde_json::from_str(&text).unwrap_or_else(|error| panic!("not JSON ({error}): {text}"))
+}
+
+/// Asserts a problem+json error with `status`, returning the problem document.
+pub async fn problem(response: Response, status: u16) -> Value {
+    assert_eq!(response.status(), status, "status");
+    let content_type = response
+        .headers()
+        .get("content-type")
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(content_type, "application/problem+json");
+    let correlation_id = response
+        .headers()
+        .get("x-correlation-id")
+        .and_then(|value| value.to_str().ok())
+        .map(str::to_owned);
+    let body = json(response).await;
+    assert_eq!(body["status"], status);
+    assert!(
+        body["type"]
+            .as_str()
+            .is_some_and(|kind| kind.starts_with("urn:streamgate:problem:"))
+    );
+    assert!(
+        body["title"].is_string() && body["detail"].is_string(),
+        "{body}"
+    );
+    assert_eq!(
+        body["correlation_id"].as_str(),
+        correlation_id.as_deref(),
+        "correlation id"
+    );
+    body
+}

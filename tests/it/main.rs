@@ -1,0 +1,31 @@
+//! The integration suite: a real streamgate over real HTTP, against a private `redis-server`
+//! (and the embedded engine once it exists). One binary, one module per area.
+
+mod helpers;
+
+/// Runs each listed `async fn(TestApp)` once per backend, as `<name>::redis` (and so on).
+/// `name = "toml"` appends configuration for that test.
+macro_rules! on_each_backend {
+    ($($test:ident $(= $extra:expr)?),* $(,)?) => {
+        $(
+            mod $test {
+                #[allow(unused_imports)]
+                use super::*;
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn redis() {
+                    let extra = String::new() $(+ $extra)?;
+                    let Some(app) = crate::helpers::TestApp::on_redis(&extra).await else { return };
+                    super::$test(app).await;
+                }
+            }
+        )*
+    };
+}
+
+mod admin;
+mod auth;
+mod cli;
+mod health;
+mod lifecycle;
+mod produce;
