@@ -9,6 +9,7 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::AnyBackend;
+use crate::backend::embedded::EmbeddedBackend;
 use crate::backend::redis::RedisBackend;
 use crate::config::{BackendKind, Config};
 use crate::http::{self, AppState};
@@ -71,11 +72,7 @@ async fn connect_backend(
         (BackendKind::Redis, None) => {
             anyhow::bail!("the Redis backend is selected but not configured")
         }
-        (BackendKind::Embedded, _) => {
-            anyhow::bail!(
-                "the embedded backend is not available in this build; configure Redis (--redis-url)"
-            )
-        }
+        (BackendKind::Embedded, _) => Ok(AnyBackend::Embedded(EmbeddedBackend::start(shutdown))),
     }
 }
 
@@ -85,6 +82,9 @@ fn print_banner(config: &Config, backend: &AnyBackend, address: SocketAddr) {
     let url = format!("http://{address}");
     let backend_line = match backend {
         AnyBackend::Redis(_) => format!("backend: redis at {}", backend.address()),
+        AnyBackend::Embedded(_) => {
+            "backend: embedded (in memory: data is lost when streamgate stops; use --redis-url to keep it)".to_owned()
+        }
     };
     println!("streamgate {}", env!("CARGO_PKG_VERSION"));
     println!("{backend_line}");

@@ -281,8 +281,21 @@ fn json_string(bytes: &[u8]) -> Vec<u8> {
 /// A message to append: the payload's JSON text exactly as received, and an optional expiry.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NewEntry {
+    /// An explicit id (validated as Redis does), or `None` for the next one by the clock.
+    pub id: Option<EntryId>,
     pub data: Bytes,
     pub expires_at_ms: Option<u64>,
+}
+
+impl NewEntry {
+    /// A message with a generated id.
+    pub fn new(data: Bytes, expires_at_ms: Option<u64>) -> NewEntry {
+        NewEntry {
+            id: None,
+            data,
+            expires_at_ms,
+        }
+    }
 }
 
 impl NewEntry {
@@ -398,10 +411,7 @@ mod tests {
 
     #[test]
     fn expiry_is_read_from_the_exp_field() {
-        let message = NewEntry {
-            data: Bytes::from_static(b"1"),
-            expires_at_ms: Some(1000),
-        };
+        let message = NewEntry::new(Bytes::from_static(b"1"), Some(1000));
         let stored = Entry {
             id: EntryId::MIN,
             fields: message.fields(),

@@ -4,6 +4,7 @@
 //! Implementations are wrapped in the [`AnyBackend`] enum rather than boxed behind `dyn`, so the
 //! trait can use plain `async` methods and the conformance suite can run against each one.
 
+pub mod embedded;
 pub mod redis;
 
 use std::future::Future;
@@ -11,7 +12,7 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::model::{Entry, EntryId, GroupName, NewEntry, StreamName};
+use crate::model::{ConsumerName, Entry, EntryId, GroupName, NewEntry, StreamName};
 
 /// What went wrong in a backend call. Callers branch on these variants; everything they cannot
 /// act on is `Internal`.
@@ -24,9 +25,17 @@ pub enum BackendError {
     /// The stream does not exist.
     #[error("no such stream")]
     StreamNotFound,
+    /// The consumer group (or its stream) does not exist.
+    #[error("no such consumer group")]
+    GroupNotFound,
     /// The key exists but holds something other than a stream.
     #[error("the key holds a value that is not a stream")]
     WrongType,
+    /// An explicit entry id that cannot be used: `0-0`, not greater than the stream's last id, or
+    /// in a batch of several entries.
+
+    #[error("invalid entry id: {0}")]
+    InvalidId(String),
     /// Anything else: a bug, a protocol surprise, a misconfiguration. Logged, never shown.
     #[error("backend failure: {0}")]
     Internal(String),
@@ -53,7 +62,9 @@ pub struct IdempotencyKey {
     pub ttl: Duration,
 }
 
-/// One append: entries for one stream, written together.
+/// One append: entries for one stream, written together. An explicit entry id is accepted only
+/// when appending a single entry (Redis cannot undo the rest of a batch when one id is refused).
+
 #[derive(Debug, Clone)]
 pub struct AppendRequest {
     pub entries: Vec<NewEntry>,
@@ -61,7 +72,20 @@ pub struct AppendRequest {
     pub idempotency: Option<IdempotencyKey>,
 }
 
+impl AppendRequest {
+    /// Refuses explicit ids in batches (see the type's documentation).
+    pub fn check_ids(&self) -> Result<(), BackendError> {
+        if self.entries.len() > 1 && self.entries.iter().any(|entry| entry.id.is_some()) {
+            return Err(BackendError::InvalidId(
+                "explicit ids are only accepted for single appends".into(),
+            ));
+        }
+        Ok(())
+    }
+}
+
 /// The result of an append.
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AppendOutcome {
     /// The ids of the entries, in request order.
@@ -86,6 +110,118 @@ pub struct RangeQuery {
     pub direction: Direction,
 }
 
+/// Where a new consumer group starts reading.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupStart {
+    /// After this id; `EntryId::MIN` delivers the whole history.
+    After(EntryId),
+    /// After the stream's last entry: only entries appended from now on.
+    Latest,
+}
+
+/// What a group read returns.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GroupCursor {
+    /// Entries never delivered to the group (`>`), which become pending for the consumer.
+    New,
+    /// The consumer's own pending entries after this id, delivered again.
+    PendingAfter(EntryId),
+}
+
+/// A read on behalf of one consumer of a group.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct GroupRead {
+    pub cursor: GroupCursor,
+    pub count: usize,
+    /// At-most-once: delivered entries are not added to the pending list.
+    pub no_ack: bool,
+}
+
+/// An entry delivered to a group consumer, with how often it has been delivered (this time
+/// included).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Delivery {
+    pub entry: Entry,
+    pub deliveries: u64,
+}
+
+/// The result of a group read.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GroupBatch {
+    pub deliveries: Vec<Delivery>,
+    /// Pending entries that were deleted from the stream (only from `PendingAfter` reads); they
+    /// stay pending until acknowledged.
+    pub deleted: Vec<EntryId>,
+}
+
+/// One step of claiming idle pending entries.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClaimPage {
+    /// Where the next step continues; `None` once the whole pending list has been scanned.
+    pub next_cursor: Option<EntryId>,
+    /// Entries now owned by the claiming consumer, their delivery count incremented.
+    pub claimed: Vec<Delivery>,
+    /// Pending entries whose stream entry was deleted; they were removed from the pending list.
+    pub deleted: Vec<EntryId>,
+}
+
+/// One entry of a group's pending list.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct PendingEntry {
+    pub id: EntryId,
+    pub consumer: ConsumerName,
+    /// Time since it was last delivered (or touched).
+    #[serde(rename = "idle_ms", serialize_with = "as_millis")]
+    pub idle: Duration,
+    pub deliveries: u64,
+}
+
+/// Which pending entries to list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PendingQuery {
+    pub start: EntryId,
+    pub end: EntryId,
+    pub count: usize,
+    pub consumer: Option<ConsumerName>,
+    pub min_idle: Option<Duration>,
+}
+
+impl PendingQuery {
+    /// Everything, up to `count` entries.
+    pub fn all(count: usize) -> PendingQuery {
+        PendingQuery {
+            start: EntryId::MIN,
+            end: EntryId::MAX,
+            count,
+            consumer: None,
+            min_idle: None,
+        }
+    }
+}
+
+/// A consumer of a group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct ConsumerInfo {
+    pub name: ConsumerName,
+    pub pending: u64,
+    /// Time since the consumer last read or claimed.
+    #[serde(rename = "idle_ms", serialize_with = "as_millis")]
+    pub idle: Duration,
+}
+
+fn as_millis<S: serde::Serializer>(duration: &Duration, serializer: S) -> Result<S::Ok, S::Error> {
+    serializer.serialize_u64(duration.as_millis() as u64)
+}
+
+/// How to trim a stream exactly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trim {
+    /// Keep at most this many of the newest entries.
+    MaxLen(u64),
+    /// Remove entries with smaller ids.
+    MinId(EntryId),
+}
+
 /// A consumer group as seen by the administration routes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct GroupInfo {
@@ -97,7 +233,7 @@ pub struct GroupInfo {
     /// The id of the last entry delivered to the group.
     pub last_delivered_id: EntryId,
     /// Entries in the stream not yet delivered to the group; `None` when the backend cannot tell
-    /// (Redis after some deletions).
+    /// (Redis, after deletions or for a group placed at an arbitrary id, until it reads).
     pub lag: Option<u64>,
 }
 
@@ -132,6 +268,11 @@ pub struct StreamInfo {
 ///   nothing is then known to have been written, except that an append may have happened and its
 ///   reply was lost.
 /// - Nothing here blocks for longer than one round trip unless its documentation says so.
+/// - Consumer groups: each group has a last-delivered id and a pending list (entry id → owning
+///   consumer, delivery count, time of last delivery). Reading new entries advances the
+///   last-delivered id and (unless `no_ack`) adds them to the pending list; acknowledging removes
+///   them; claiming moves idle ones to another consumer. Consumers are created by their first read
+///   or claim.
 pub trait Backend: Clone + Send + Sync + 'static {
     /// One round trip to the store.
     fn ping(&self) -> impl Future<Output = Result<(), BackendError>> + Send;
@@ -173,12 +314,144 @@ pub trait Backend: Clone + Send + Sync + 'static {
 
     /// Deletes every stream and every record streamgate keeps in the store.
     fn flush(&self) -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    /// Entries after each cursor, oldest first, at most `count` per stream, for the streams that
+    /// have any. When none has, waits up to `block` (if given) for an append to one of them, and
+    /// returns early (possibly empty) when `interrupt` resolves. Missing streams are waited on as
+    /// empty ones. This is the only method that blocks.
+    fn read_after(
+        &self,
+        cursors: &[(StreamName, EntryId)],
+        count: usize,
+        block: Option<Duration>,
+        interrupt: impl Future<Output = ()> + Send,
+    ) -> impl Future<Output = Result<Vec<(StreamName, Vec<Entry>)>, BackendError>> + Send;
+
+    /// Removes entries by id; returns how many existed.
+    fn delete_entries(
+        &self,
+        stream: &StreamName,
+        ids: &[EntryId],
+    ) -> impl Future<Output = Result<u64, BackendError>> + Send;
+
+    /// Trims exactly; returns how many entries were removed.
+    fn trim(
+        &self,
+        stream: &StreamName,
+        trim: Trim,
+    ) -> impl Future<Output = Result<u64, BackendError>> + Send;
+
+    /// Deletes the stream with its groups; returns whether it existed.
+    fn delete_stream(
+        &self,
+        stream: &StreamName,
+    ) -> impl Future<Output = Result<bool, BackendError>> + Send;
+
+    /// Creates a group (and the stream, if missing); `false` when the group already existed.
+    fn create_group(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+        start: GroupStart,
+    ) -> impl Future<Output = Result<bool, BackendError>> + Send;
+
+    /// Deletes a group with its pending list; returns whether it existed.
+    fn destroy_group(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+    ) -> impl Future<Output = Result<bool, BackendError>> + Send;
+
+    /// Moves a group's last-delivered id (its pending list is kept).
+    fn set_group_position(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+        start: GroupStart,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    /// Reads for `consumer`; never blocks. [`BackendError::GroupNotFound`] without the group.
+    fn read_group(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+        consumer: &ConsumerName,
+        read: GroupRead,
+    ) -> impl Future<Output = Result<GroupBatch, BackendError>> + Send;
+
+    /// Acknowledges entries (removing them from the pending list), and with `delete` also removes
+    /// them from the stream, atomically; returns how many were pending.
+    fn ack(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+        ids: &[EntryId],
+        delete: bool,
+    ) -> impl Future<Output = Result<u64, BackendError>> + Send;
+
+    /// Scans the pending list from `cursor` and gives entries idle for at least `min_idle` to
+    /// `consumer`, at most `count` of them (see [`ClaimPage`]).
+    fn claim_idle(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+        consumer: &ConsumerName,
+        min_idle: Duration,
+        cursor: EntryId,
+        count: usize,
+    ) -> impl Future<Output = Result<ClaimPage, BackendError>> + Send;
+
+    /// Sets how long a pending entry counts as idle, keeping its owner and delivery count
+    /// (0 restarts its visibility timeout; a large value makes it claimable at once). Returns
+    /// whether the entry was pending.
+    fn set_pending_idle(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+        id: EntryId,
+        idle: Duration,
+    ) -> impl Future<Output = Result<bool, BackendError>> + Send;
+
+    /// Pending entries, oldest first.
+    fn pending(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+        query: PendingQuery,
+    ) -> impl Future<Output = Result<Vec<PendingEntry>, BackendError>> + Send;
+
+    /// The group's consumers.
+    fn consumers(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+    ) -> impl Future<Output = Result<Vec<ConsumerInfo>, BackendError>> + Send;
+
+    /// Removes a consumer (its pending entries are dropped from the pending list: call this only
+    /// for consumers without any). Returns how many pending entries it had.
+    fn delete_consumer(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+        consumer: &ConsumerName,
+    ) -> impl Future<Output = Result<u64, BackendError>> + Send;
+
+    /// Atomically appends `fields` to `dead_letter` and acknowledges `id` in the group.
+    fn dead_letter(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+        id: EntryId,
+        dead_letter: &StreamName,
+        fields: Vec<(bytes::Bytes, bytes::Bytes)>,
+    ) -> impl Future<Output = Result<EntryId, BackendError>> + Send;
 }
 
 /// The configured backend.
 #[derive(Clone)]
 pub enum AnyBackend {
     Redis(redis::RedisBackend),
+    Embedded(embedded::EmbeddedBackend),
 }
 
 /// Calls the same method on whichever backend is configured.
@@ -186,6 +459,7 @@ macro_rules! dispatch {
     ($self:ident, $backend:ident => $call:expr) => {
         match $self {
             AnyBackend::Redis($backend) => $call,
+            AnyBackend::Embedded($backend) => $call,
         }
     };
 }
@@ -195,6 +469,7 @@ impl AnyBackend {
     pub fn kind(&self) -> &'static str {
         match self {
             AnyBackend::Redis(_) => "redis",
+            AnyBackend::Embedded(_) => "embedded",
         }
     }
 
@@ -202,6 +477,7 @@ impl AnyBackend {
     pub fn address(&self) -> String {
         match self {
             AnyBackend::Redis(backend) => backend.address().to_owned(),
+            AnyBackend::Embedded(_) => "in memory".to_owned(),
         }
     }
 }
@@ -245,5 +521,136 @@ impl Backend for AnyBackend {
 
     async fn flush(&self) -> Result<(), BackendError> {
         dispatch!(self, backend => backend.flush().await)
+    }
+
+    async fn read_after(
+        &self,
+        cursors: &[(StreamName, EntryId)],
+        count: usize,
+        block: Option<Duration>,
+        interrupt: impl Future<Output = ()> + Send,
+    ) -> Result<Vec<(StreamName, Vec<Entry>)>, BackendError> {
+        dispatch!(self, backend => backend.read_after(cursors, count, block, interrupt).await)
+    }
+
+    async fn delete_entries(
+        &self,
+        stream: &StreamName,
+        ids: &[EntryId],
+    ) -> Result<u64, BackendError> {
+        dispatch!(self, backend => backend.delete_entries(stream, ids).await)
+    }
+
+    async fn trim(&self, stream: &StreamName, trim: Trim) -> Result<u64, BackendError> {
+        dispatch!(self, backend => backend.trim(stream, trim).await)
+    }
+
+    async fn delete_stream(&self, stream: &StreamName) -> Result<bool, BackendError> {
+        dispatch!(self, backend => backend.delete_stream(stream).await)
+    }
+
+    async fn create_group(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+        start: GroupStart,
+    ) -> Result<bool, BackendError> {
+        dispatch!(self, backend => backend.create_group(stream, group, start).await)
+    }
+
+    async fn destroy_group(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+    ) -> Result<bool, BackendError> {
+        dispatch!(self, backend => backend.destroy_group(stream, group).await)
+    }
+
+    async fn set_group_position(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+        start: GroupStart,
+    ) -> Result<(), BackendError> {
+        dispatch!(self, backend => backend.set_group_position(stream, group, start).await)
+    }
+
+    async fn read_group(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+        consumer: &ConsumerName,
+        read: GroupRead,
+    ) -> Result<GroupBatch, BackendError> {
+        dispatch!(self, backend => backend.read_group(stream, group, consumer, read).await)
+    }
+
+    async fn ack(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+        ids: &[EntryId],
+        delete: bool,
+    ) -> Result<u64, BackendError> {
+        dispatch!(self, backend => backend.ack(stream, group, ids, delete).await)
+    }
+
+    async fn claim_idle(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+        consumer: &ConsumerName,
+        min_idle: Duration,
+        cursor: EntryId,
+        count: usize,
+    ) -> Result<ClaimPage, BackendError> {
+        dispatch!(self, backend => backend.claim_idle(stream, group, consumer, min_idle, cursor, count).await)
+    }
+
+    async fn set_pending_idle(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+        id: EntryId,
+        idle: Duration,
+    ) -> Result<bool, BackendError> {
+        dispatch!(self, backend => backend.set_pending_idle(stream, group, id, idle).await)
+    }
+
+    async fn pending(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+        query: PendingQuery,
+    ) -> Result<Vec<PendingEntry>, BackendError> {
+        dispatch!(self, backend => backend.pending(stream, group, query).await)
+    }
+
+    async fn consumers(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+    ) -> Result<Vec<ConsumerInfo>, BackendError> {
+        dispatch!(self, backend => backend.consumers(stream, group).await)
+    }
+
+    async fn delete_consumer(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+        consumer: &ConsumerName,
+    ) -> Result<u64, BackendError> {
+        dispatch!(self, backend => backend.delete_consumer(stream, group, consumer).await)
+    }
+
+    async fn dead_letter(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+        id: EntryId,
+        dead_letter: &StreamName,
+        fields: Vec<(bytes::Bytes, bytes::Bytes)>,
+    ) -> Result<EntryId, BackendError> {
+        dispatch!(self, backend => backend.dead_letter(stream, group, id, dead_letter, fields).await)
     }
 }

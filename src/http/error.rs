@@ -107,6 +107,8 @@ impl From<BackendError> for ApiError {
         match error {
             BackendError::Unavailable(cause) => ApiError::unavailable(cause),
             BackendError::StreamNotFound => ApiError::NotFound("stream not found".into()),
+            BackendError::GroupNotFound => ApiError::NotFound("consumer group not found".into()),
+            BackendError::InvalidId(detail) => ApiError::BadRequest(detail),
             BackendError::WrongType => {
                 ApiError::Conflict("the key exists in the backend and is not a stream".into())
             }

@@ -253,10 +253,7 @@ fn new_entry(
         }
         Some(ttl) => Some(now_ms() + ttl * 1000),
     };
-    Ok(NewEntry {
-        data,
-        expires_at_ms,
-    })
+    Ok(NewEntry::new(data, expires_at_ms))
 }
 
 fn check_batch_size(state: &AppState, count: usize) -> Result<(), ApiError> {

@@ -3,7 +3,8 @@
 
 mod helpers;
 
-/// Runs each listed `async fn(TestApp)` once per backend, as `<name>::redis` (and so on).
+/// Runs each listed `async fn(TestApp)` once per backend, as `<name>::embedded` and
+/// `<name>::redis`.
 /// `name = "toml"` appends configuration for that test.
 macro_rules! on_each_backend {
     ($($test:ident $(= $extra:expr)?),* $(,)?) => {
@@ -13,7 +14,15 @@ macro_rules! on_each_backend {
                 use super::*;
 
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn embedded() {
+                    let extra = String::new() $(+ $extra)?;
+                    let app = crate::helpers::TestApp::on_embedded(&extra).await;
+                    super::$test(app).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn redis() {
+
                     let extra = String::new() $(+ $extra)?;
                     let Some(app) = crate::helpers::TestApp::on_redis(&extra).await else { return };
                     super::$test(app).await;
@@ -26,6 +35,8 @@ macro_rules! on_each_backend {
 mod admin;
 mod auth;
 mod cli;
+mod conformance;
+
 mod health;
 mod lifecycle;
 mod produce;

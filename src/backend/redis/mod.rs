@@ -12,13 +12,16 @@ use redis::{AsyncConnectionConfig, Client, Cmd, FromRedisValue, RedisError, Valu
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
-use self::pool::Pool;
-pub use self::pool::backoff_delay;
+use self::pool::{BlockingConnections, Pool};
 use super::{
-    AppendOutcome, AppendRequest, Backend, BackendError, Direction, RangeQuery, Retention,
-    StreamInfo, StreamStats,
+    AppendOutcome, AppendRequest, Backend, BackendError, ClaimPage, ConsumerInfo, Delivery,
+    Direction, GroupBatch, GroupCursor, GroupRead, GroupStart, PendingEntry, PendingQuery,
+    RangeQuery, Retention, StreamInfo, StreamStats, Trim,
 };
-use crate::model::{Entry, EntryId, StreamName, now_ms};
+use crate::model::{ConsumerName, Entry, EntryId, GroupName, StreamName, now_ms};
+
+/// How many dedicated connections blocking reads may use at once.
+const BLOCKING_CONNECTIONS: usize = 8;
 
 /// How to reach Redis. Built by the configuration.
 #[derive(Debug, Clone)]
@@ -41,13 +44,15 @@ pub struct RedisOptions {
 /// every entry (with the retention), remember the ids, and return them.
 ///
 /// KEYS: stream, idempotency record. ARGV: record ttl ms, max_len or "", min_id or "",
-/// idle ttl ms or "", then per entry: its field count n followed by n field/value pairs.
+/// idle ttl ms or "", then per entry: its id (or `*`), its field count n, and n field/value pairs.
 const IDEMPOTENT_APPEND: &str = r#"
 local previous = redis.call('GET', KEYS[2])
 if previous then return {1, previous} end
 local ids = {}
 local i = 5
 while i <= #ARGV do
+  local id = ARGV[i]
+  i = i + 1
   local n = tonumber(ARGV[i])
   local args = {'XADD', KEYS[1]}
   if ARGV[2] ~= '' then
@@ -55,7 +60,7 @@ while i <= #ARGV do
   elseif ARGV[3] ~= '' then
     args[#args + 1] = 'MINID'; args[#args + 1] = '~'; args[#args + 1] = ARGV[3]
   end
-  args[#args + 1] = '*'
+  args[#args + 1] = id
   for j = 1, 2 * n do args[#args + 1] = ARGV[i + j] end
   ids[#ids + 1] = redis.call(unpack(args))
   i = i + 1 + 2 * n
@@ -67,6 +72,53 @@ redis.call('SET', KEYS[2], joined, 'PX', ARGV[1])
 return {0, joined}
 "#;
 
+/// `XAUTOCLAIM` plus each claimed entry's delivery count (which it does not return), atomically.
+///
+/// KEYS: stream. ARGV: group, consumer, min idle ms, cursor, count.
+const CLAIM_IDLE: &str = r#"
+local page = redis.call('XAUTOCLAIM', KEYS[1], ARGV[1], ARGV[2], ARGV[3], ARGV[4], 'COUNT', ARGV[5])
+local counts = {}
+for i, entry in ipairs(page[2]) do
+  local pending = redis.call('XPENDING', KEYS[1], ARGV[1], entry[1], entry[1], 1)
+  counts[i] = pending[1] and pending[1][4] or 1
+end
+return {page[1], page[2], page[3], counts}
+"#;
+
+/// Sets a pending entry's idle time, keeping its owner and delivery count.
+///
+/// KEYS: stream. ARGV: group, id, idle ms.
+const SET_PENDING_IDLE: &str = r#"
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], ARGV[2], ARGV[2], 1)
+if #pending == 0 then return 0 end
+redis.call('XCLAIM', KEYS[1], ARGV[1], pending[1][2], 0, ARGV[2], 'IDLE', ARGV[3], 'JUSTID')
+return 1
+"#;
+
+/// `XGROUP CREATE` (with `MKSTREAM`) or `XGROUP SETID`. At `$` the group is told how many entries
+/// it has "read" (all of them), so Redis can report its lag from the start.
+///
+/// KEYS: stream. ARGV: `CREATE` or `SETID`, group, start id or `$`.
+const POSITION_GROUP: &str = r#"
+local args = {'XGROUP', ARGV[1], KEYS[1], ARGV[2], ARGV[3]}
+if ARGV[1] == 'CREATE' then args[#args + 1] = 'MKSTREAM' end
+if ARGV[3] == '$' and redis.call('EXISTS', KEYS[1]) == 1 then
+  local info = redis.call('XINFO', 'STREAM', KEYS[1])
+  for i = 1, #info, 2 do
+    if info[i] == 'entries-added' then
+      args[#args + 1] = 'ENTRIESREAD'; args[#args + 1] = info[i + 1]
+    end
+  end
+end
+return redis.call(unpack(args))
+"#;
+
+/// Deletes a key only if it is a stream. KEYS: stream.
+const DELETE_STREAM: &str = r#"
+if redis.call('TYPE', KEYS[1]).ok == 'stream' then return redis.call('DEL', KEYS[1]) end
+return 0
+"#;
+
 /// The Redis backend. Cheap to clone.
 #[derive(Clone)]
 pub struct RedisBackend {
@@ -75,8 +127,13 @@ pub struct RedisBackend {
 
 struct Inner {
     pool: Arc<Pool>,
+    blocking: Arc<BlockingConnections>,
     display_address: String,
     idempotent_append: redis::Script,
+    claim_idle: redis::Script,
+    set_pending_idle: redis::Script,
+    delete_stream: redis::Script,
+    position_group: redis::Script,
 }
 
 impl RedisBackend {
@@ -89,6 +146,11 @@ impl RedisBackend {
         let connection_config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(options.connect_timeout))
             .set_response_timeout(Some(options.response_timeout));
+        let blocking = BlockingConnections::new(
+            client.clone(),
+            connection_config.clone(),
+            BLOCKING_CONNECTIONS,
+        );
         let pool = Pool::connect(
             client,
             connection_config,
@@ -100,8 +162,13 @@ impl RedisBackend {
         Ok(RedisBackend {
             inner: Arc::new(Inner {
                 pool,
+                blocking,
                 display_address: options.display_address.clone(),
                 idempotent_append: redis::Script::new(IDEMPOTENT_APPEND),
+                claim_idle: redis::Script::new(CLAIM_IDLE),
+                set_pending_idle: redis::Script::new(SET_PENDING_IDLE),
+                delete_stream: redis::Script::new(DELETE_STREAM),
+                position_group: redis::Script::new(POSITION_GROUP),
             }),
         })
     }
@@ -123,6 +190,58 @@ impl RedisBackend {
             .await
             .map_err(|error| lease.fail(error))?;
         T::from_redis_value(value).map_err(|error| BackendError::Internal(error.to_string()))
+    }
+
+    async fn script<T: FromRedisValue>(
+        &self,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, BackendError> {
+        let mut lease = self.inner.pool.lease()?;
+        let value: Value = invocation
+            .invoke_async(&mut lease.connection)
+            .await
+            .map_err(|error| lease.fail(error))?;
+        T::from_redis_value(value).map_err(|error| BackendError::Internal(error.to_string()))
+    }
+
+    /// `XREAD … BLOCK` on a dedicated connection. When `interrupt` fires first, the read is cut
+    /// short with `CLIENT UNBLOCK` and its (possibly non-empty) reply is still taken, so nothing
+    /// it returned is lost and the connection is clean for the next caller.
+    async fn blocking_read(
+        &self,
+        command: Cmd,
+        block: Duration,
+        interrupt: impl std::future::Future<Output = ()> + Send,
+    ) -> Result<Value, BackendError> {
+        let mut lease = self.inner.blocking.lease().await?;
+        let (mut connection, client_id) = match &lease.inner {
+            Some(inner) => (inner.connection.clone(), inner.client_id),
+            None => return Err(BackendError::Internal("empty blocking lease".into())),
+        };
+        // Beyond BLOCK, the reply is late: treat the connection as lost.
+        let deadline = block + Duration::from_secs(5);
+        let read = tokio::time::timeout(deadline, command.query_async::<Value>(&mut connection));
+        let mut read = std::pin::pin!(read);
+        let outcome = tokio::select! {
+            outcome = &mut read => outcome,
+            _ = interrupt => {
+                let _: Result<Value, _> = self.query(redis::cmd("CLIENT").arg("UNBLOCK").arg(client_id)).await;
+                read.await
+            }
+        };
+        match outcome {
+            Ok(Ok(value)) => {
+                lease.release();
+                Ok(value)
+            }
+            Ok(Err(error)) => Err(map_error(error)),
+            Err(_) => {
+                lease.inner = None;
+                Err(BackendError::Unavailable(
+                    "a blocking read got no reply".into(),
+                ))
+            }
+        }
     }
 
     async fn query_pipeline(&self, pipeline: &redis::Pipeline) -> Result<Vec<Value>, BackendError> {
@@ -155,7 +274,9 @@ impl RedisBackend {
             );
         for entry in &request.entries {
             let fields = entry.fields();
-            invocation.arg(fields.len());
+            invocation
+                .arg(entry.id.map_or_else(|| "*".to_owned(), |id| id.to_string()))
+                .arg(fields.len());
             for (field, value) in &fields {
                 invocation.arg(field.as_ref()).arg(value.as_ref());
             }
@@ -216,6 +337,13 @@ pub(super) fn map_error(error: RedisError) -> BackendError {
         ) => BackendError::Unavailable(error.to_string()),
         _ => match server_error_code(&error).as_deref() {
             Some("WRONGTYPE") => BackendError::WrongType,
+            Some("NOGROUP") => BackendError::GroupNotFound,
+            _ if error.to_string().contains("The ID specified in XADD") => BackendError::InvalidId(
+                error
+                    .detail()
+                    .unwrap_or("the id is not greater than the stream's last id")
+                    .to_owned(),
+            ),
             Some("OOM" | "MISCONF") => BackendError::Unavailable(error.to_string()),
             _ if is_no_such_key(&error) => BackendError::StreamNotFound,
             _ => BackendError::Internal(error.to_string()),
@@ -232,6 +360,24 @@ fn server_error_code(error: &RedisError) -> Option<String> {
     errors
         .first()
         .map(|(_, server_error)| server_error.code().to_owned())
+}
+
+/// Group commands report a missing stream in several ways; callers see one.
+fn group_error(error: BackendError) -> BackendError {
+    match error {
+        BackendError::StreamNotFound => BackendError::GroupNotFound,
+        BackendError::Internal(message) if message.contains("requires the key to exist") => {
+            BackendError::GroupNotFound
+        }
+        other => other,
+    }
+}
+
+fn group_start(start: GroupStart) -> String {
+    match start {
+        GroupStart::After(id) => id.to_string(),
+        GroupStart::Latest => "$".to_owned(),
+    }
 }
 
 /// `XINFO` on a missing key answers `ERR no such key`.
@@ -254,7 +400,9 @@ impl Backend for RedisBackend {
         stream: &StreamName,
         request: AppendRequest,
     ) -> Result<AppendOutcome, BackendError> {
+        request.check_ids()?;
         let min_id = min_id_for(&request.retention);
+
         if let Some(key) = &request.idempotency {
             return self.idempotent_append(stream, &request, key, min_id).await;
         }
@@ -274,7 +422,10 @@ impl Backend for RedisBackend {
             } else if let Some(min_id) = min_id {
                 command.arg("MINID").arg("~").arg(min_id.to_string());
             }
-            command.arg("*");
+            match entry.id {
+                Some(id) => command.arg(id.to_string()),
+                None => command.arg("*"),
+            };
             for (field, value) in entry.fields() {
                 command.arg(field.as_ref()).arg(value.as_ref());
             }
@@ -382,5 +533,331 @@ impl Backend for RedisBackend {
     async fn flush(&self) -> Result<(), BackendError> {
         let _: Value = self.query(&redis::cmd("FLUSHDB")).await?;
         Ok(())
+    }
+
+    async fn read_after(
+        &self,
+        cursors: &[(StreamName, EntryId)],
+        count: usize,
+        block: Option<Duration>,
+        interrupt: impl std::future::Future<Output = ()> + Send,
+    ) -> Result<Vec<(StreamName, Vec<Entry>)>, BackendError> {
+        if cursors.is_empty() {
+            return Ok(Vec::new());
+        }
+        let mut command = redis::cmd("XREAD");
+        command.arg("COUNT").arg(count.max(1));
+        if let Some(block) = block {
+            command.arg("BLOCK").arg(block.as_millis().max(1) as u64);
+        }
+        command.arg("STREAMS");
+        for (stream, _) in cursors {
+            command.arg(stream.as_str());
+        }
+        for (_, after) in cursors {
+            command.arg(after.to_string());
+        }
+        let reply = match block {
+            Some(block) => self.blocking_read(command, block, interrupt).await?,
+            None => self.query(&command).await?,
+        };
+        parse::streams(reply)
+    }
+
+    async fn delete_entries(
+        &self,
+        stream: &StreamName,
+        ids: &[EntryId],
+    ) -> Result<u64, BackendError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let mut command = redis::cmd("XDEL");
+        command.arg(stream.as_str());
+        for id in ids {
+            command.arg(id.to_string());
+        }
+        self.query(&command).await
+    }
+
+    async fn trim(&self, stream: &StreamName, trim: Trim) -> Result<u64, BackendError> {
+        let mut command = redis::cmd("XTRIM");
+        command.arg(stream.as_str());
+        match trim {
+            Trim::MaxLen(max_len) => command.arg("MAXLEN").arg(max_len),
+            Trim::MinId(min_id) => command.arg("MINID").arg(min_id.to_string()),
+        };
+        self.query(&command).await
+    }
+
+    async fn delete_stream(&self, stream: &StreamName) -> Result<bool, BackendError> {
+        let deleted: i64 = self
+            .script(&self.inner.delete_stream.key(stream.as_str()))
+            .await?;
+        Ok(deleted == 1)
+    }
+
+    async fn create_group(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+        start: GroupStart,
+    ) -> Result<bool, BackendError> {
+        let mut invocation = self.inner.position_group.key(stream.as_str());
+        invocation
+            .arg("CREATE")
+            .arg(group.as_str())
+            .arg(group_start(start));
+        let mut lease = self.inner.pool.lease()?;
+        match invocation
+            .invoke_async::<Value>(&mut lease.connection)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(error) if server_error_code(&error).as_deref() == Some("BUSYGROUP") => Ok(false),
+            Err(error) => Err(lease.fail(error)),
+        }
+    }
+
+    async fn destroy_group(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+    ) -> Result<bool, BackendError> {
+        let command = redis::cmd("XGROUP")
+            .arg("DESTROY")
+            .arg(stream.as_str())
+            .arg(group.as_str())
+            .clone();
+        match self.query::<i64>(&command).await.map_err(group_error) {
+            Ok(destroyed) => Ok(destroyed == 1),
+            Err(BackendError::GroupNotFound) => Ok(false),
+            Err(error) => Err(error),
+        }
+    }
+
+    async fn set_group_position(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+        start: GroupStart,
+    ) -> Result<(), BackendError> {
+        let mut invocation = self.inner.position_group.key(stream.as_str());
+        invocation
+            .arg("SETID")
+            .arg(group.as_str())
+            .arg(group_start(start));
+        self.script::<Value>(&invocation)
+            .await
+            .map_err(group_error)?;
+        Ok(())
+    }
+
+    async fn read_group(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+        consumer: &ConsumerName,
+        read: GroupRead,
+    ) -> Result<GroupBatch, BackendError> {
+        let mut pipeline = redis::pipe();
+        let command = pipeline
+            .cmd("XREADGROUP")
+            .arg("GROUP")
+            .arg(group.as_str())
+            .arg(consumer.as_str())
+            .arg("COUNT")
+            .arg(read.count.max(1));
+        if read.no_ack {
+            command.arg("NOACK");
+        }
+        command.arg("STREAMS").arg(stream.as_str());
+        match read.cursor {
+            GroupCursor::New => {
+                command.arg(">");
+            }
+            GroupCursor::PendingAfter(after) => {
+                command.arg(after.to_string());
+                // XREADGROUP does not say how often an entry was delivered; the pending list
+                // does, for exactly the entries it returned (the same bounds, the same owner).
+                pipeline
+                    .cmd("XPENDING")
+                    .arg(stream.as_str())
+                    .arg(group.as_str())
+                    .arg(format!("({after}"))
+                    .arg("+")
+                    .arg(read.count.max(1))
+                    .arg(consumer.as_str());
+            }
+        }
+        let mut replies = self
+            .query_pipeline(&pipeline)
+            .await
+            .map_err(group_error)?
+            .into_iter();
+        let read_reply = replies.next().unwrap_or(Value::Nil);
+        let counts: std::collections::HashMap<EntryId, u64> = match replies.next() {
+            Some(pending) => parse::pending(pending)?
+                .into_iter()
+                .map(|entry| (entry.id, entry.deliveries))
+                .collect(),
+            None => Default::default(),
+        };
+        let mut batch = GroupBatch::default();
+        for (_, entries) in parse::group_streams(read_reply)? {
+            for (id, entry) in entries {
+                match entry {
+                    Some(entry) => batch.deliveries.push(Delivery {
+                        deliveries: counts.get(&id).copied().unwrap_or(1),
+                        entry,
+                    }),
+                    None => batch.deleted.push(id),
+                }
+            }
+        }
+        Ok(batch)
+    }
+
+    async fn ack(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+        ids: &[EntryId],
+        delete: bool,
+    ) -> Result<u64, BackendError> {
+        if ids.is_empty() {
+            return Ok(0);
+        }
+        let mut pipeline = redis::pipe();
+        if delete {
+            pipeline.atomic();
+        }
+        let command = pipeline
+            .cmd("XACK")
+            .arg(stream.as_str())
+            .arg(group.as_str());
+        for id in ids {
+            command.arg(id.to_string());
+        }
+        if delete {
+            let command = pipeline.cmd("XDEL").arg(stream.as_str());
+            for id in ids {
+                command.arg(id.to_string());
+            }
+            command.ignore();
+        }
+        let replies = self.query_pipeline(&pipeline).await?;
+        parse::integer(replies.into_iter().next().unwrap_or(Value::Nil))
+    }
+
+    async fn claim_idle(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+        consumer: &ConsumerName,
+        min_idle: Duration,
+        cursor: EntryId,
+        count: usize,
+    ) -> Result<ClaimPage, BackendError> {
+        let mut invocation = self.inner.claim_idle.key(stream.as_str());
+        invocation
+            .arg(group.as_str())
+            .arg(consumer.as_str())
+            .arg(min_idle.as_millis() as u64)
+            .arg(cursor.to_string())
+            .arg(count.max(1));
+        let reply: Value = self.script(&invocation).await.map_err(group_error)?;
+        parse::claim_page(reply)
+    }
+
+    async fn set_pending_idle(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+        id: EntryId,
+        idle: Duration,
+    ) -> Result<bool, BackendError> {
+        let mut invocation = self.inner.set_pending_idle.key(stream.as_str());
+        invocation
+            .arg(group.as_str())
+            .arg(id.to_string())
+            .arg(idle.as_millis() as u64);
+        let updated: i64 = self.script(&invocation).await.map_err(group_error)?;
+        Ok(updated == 1)
+    }
+
+    async fn pending(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+        query: PendingQuery,
+    ) -> Result<Vec<PendingEntry>, BackendError> {
+        let mut command = redis::cmd("XPENDING");
+        command.arg(stream.as_str()).arg(group.as_str());
+        if let Some(min_idle) = query.min_idle {
+            command.arg("IDLE").arg(min_idle.as_millis() as u64);
+        }
+        command
+            .arg(query.start.to_string())
+            .arg(query.end.to_string())
+            .arg(query.count.max(1));
+        if let Some(consumer) = &query.consumer {
+            command.arg(consumer.as_str());
+        }
+        let reply: Value = self.query(&command).await.map_err(group_error)?;
+        parse::pending(reply)
+    }
+
+    async fn consumers(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+    ) -> Result<Vec<ConsumerInfo>, BackendError> {
+        let command = redis::cmd("XINFO")
+            .arg("CONSUMERS")
+            .arg(stream.as_str())
+            .arg(group.as_str())
+            .clone();
+        let reply: Value = self.query(&command).await.map_err(group_error)?;
+        parse::consumers(reply)
+    }
+
+    async fn delete_consumer(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+        consumer: &ConsumerName,
+    ) -> Result<u64, BackendError> {
+        let command = redis::cmd("XGROUP")
+            .arg("DELCONSUMER")
+            .arg(stream.as_str())
+            .arg(group.as_str())
+            .arg(consumer.as_str())
+            .clone();
+        self.query(&command).await.map_err(group_error)
+    }
+
+    async fn dead_letter(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+        id: EntryId,
+        dead_letter: &StreamName,
+        fields: Vec<(bytes::Bytes, bytes::Bytes)>,
+    ) -> Result<EntryId, BackendError> {
+        let mut pipeline = redis::pipe();
+        pipeline.atomic();
+        let command = pipeline.cmd("XADD").arg(dead_letter.as_str()).arg("*");
+        for (field, value) in &fields {
+            command.arg(field.as_ref()).arg(value.as_ref());
+        }
+        pipeline
+            .cmd("XACK")
+            .arg(stream.as_str())
+            .arg(group.as_str())
+            .arg(id.to_string())
+            .ignore();
+        let replies = self.query_pipeline(&pipeline).await?;
+        parse::entry_id(replies.into_iter().next().unwrap_or(Value::Nil))
     }
 }

@@ -1,11 +1,15 @@
 //! Turns Redis replies (RESP2 values) into model types. Every unexpected shape is an
 //! `Internal` error naming what was expected, never a panic.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use redis::Value;
 
-use crate::backend::{BackendError, GroupInfo, StreamInfo};
-use crate::model::{Entry, EntryId, GroupName};
+use crate::backend::{
+    BackendError, ClaimPage, ConsumerInfo, Delivery, GroupInfo, PendingEntry, StreamInfo,
+};
+use crate::model::{ConsumerName, Entry, EntryId, GroupName, StreamName};
 
 fn unexpected(expected: &str, value: &Value) -> BackendError {
     BackendError::Internal(format!(
@@ -152,4 +156,131 @@ pub fn stream_info(value: Value, groups: Vec<GroupInfo>) -> Result<StreamInfo, B
         }
     }
     Ok(info)
+}
+
+/// An `XREAD` reply: nil (nothing arrived) or `[[stream, entries], …]`.
+pub fn streams(value: Value) -> Result<Vec<(StreamName, Vec<Entry>)>, BackendError> {
+    if value == Value::Nil {
+        return Ok(Vec::new());
+    }
+    array(value)?
+        .into_iter()
+        .map(|item| {
+            let mut parts = array(item)?.into_iter();
+            let (Some(name), Some(entries_value)) = (parts.next(), parts.next()) else {
+                return Err(unexpected("[stream, entries]", &Value::Nil));
+            };
+            Ok((
+                StreamName::from_backend(text(name)?),
+                entries(entries_value)?,
+            ))
+        })
+        .collect()
+}
+
+/// Entries of one stream from a group read: `None` for a pending entry deleted from the stream.
+type GroupEntries = Vec<(EntryId, Option<Entry>)>;
+
+/// An `XREADGROUP` reply, where a pending entry deleted from the stream comes back as
+/// `[id, nil]`.
+pub fn group_streams(value: Value) -> Result<Vec<(StreamName, GroupEntries)>, BackendError> {
+    if value == Value::Nil {
+        return Ok(Vec::new());
+    }
+    array(value)?
+        .into_iter()
+        .map(|item| {
+            let mut parts = array(item)?.into_iter();
+            let (Some(name), Some(entries_value)) = (parts.next(), parts.next()) else {
+                return Err(unexpected("[stream, entries]", &Value::Nil));
+            };
+            let entries = array(entries_value)?
+                .into_iter()
+                .map(|raw| {
+                    let mut fields = array(raw.clone())?.into_iter();
+                    match (fields.next(), fields.next()) {
+                        (Some(id), Some(Value::Nil)) => Ok((entry_id(id)?, None)),
+                        _ => entry(raw).map(|entry| (entry.id, Some(entry))),
+                    }
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok((StreamName::from_backend(text(name)?), entries))
+        })
+        .collect()
+}
+
+/// An extended `XPENDING` reply: `[[id, consumer, idle ms, deliveries], …]`.
+pub fn pending(value: Value) -> Result<Vec<PendingEntry>, BackendError> {
+    array(value)?
+        .into_iter()
+        .map(|item| {
+            let mut parts = array(item)?.into_iter();
+            let (Some(id), Some(consumer), Some(idle), Some(deliveries)) =
+                (parts.next(), parts.next(), parts.next(), parts.next())
+            else {
+                return Err(unexpected("[id, consumer, idle, deliveries]", &Value::Nil));
+            };
+            Ok(PendingEntry {
+                id: entry_id(id)?,
+                consumer: ConsumerName::from_backend(text(consumer)?),
+                idle: Duration::from_millis(integer(idle)?),
+                deliveries: integer(deliveries)?,
+            })
+        })
+        .collect()
+}
+
+/// An `XINFO CONSUMERS` reply.
+pub fn consumers(value: Value) -> Result<Vec<ConsumerInfo>, BackendError> {
+    array(value)?
+        .into_iter()
+        .map(|item| {
+            let (mut name, mut pending, mut idle) = (None, 0, 0);
+            for (key, value) in flat_map(item)? {
+                match key.as_str() {
+                    "name" => name = Some(text(value)?),
+                    "pending" => pending = integer(value)?,
+                    "idle" => idle = integer(value)?,
+                    _ => {}
+                }
+            }
+            let name = name.ok_or_else(|| unexpected("a consumer name", &Value::Nil))?;
+            Ok(ConsumerInfo {
+                name: ConsumerName::from_backend(name),
+                pending,
+                idle: Duration::from_millis(idle),
+            })
+        })
+        .collect()
+}
+
+/// The claim script's reply: `[next cursor, claimed entries, deleted ids, delivery counts]`.
+pub fn claim_page(value: Value) -> Result<ClaimPage, BackendError> {
+    let mut parts = array(value)?.into_iter();
+    let (Some(cursor), Some(claimed), Some(deleted), Some(counts)) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(unexpected(
+            "[cursor, claimed, deleted, counts]",
+            &Value::Nil,
+        ));
+    };
+    let cursor = entry_id(cursor)?;
+    let counts = array(counts)?
+        .into_iter()
+        .map(integer)
+        .collect::<Result<Vec<_>, _>>()?;
+    let claimed = entries(claimed)?
+        .into_iter()
+        .zip(counts.into_iter().chain(std::iter::repeat(1)))
+        .map(|(entry, deliveries)| Delivery { entry, deliveries })
+        .collect();
+    Ok(ClaimPage {
+        next_cursor: (cursor != EntryId::MIN).then_some(cursor),
+        claimed,
+        deleted: array(deleted)?
+            .into_iter()
+            .map(entry_id)
+            .collect::<Result<_, _>>()?,
+    })
 }

@@ -234,6 +234,90 @@ async fn supervise(
     }
 }
 
+/// Dedicated connections for blocking reads, one caller at a time each (a blocking command on a
+/// shared connection would stall every other command on it). At most `size` exist.
+pub struct BlockingConnections {
+    client: Client,
+    connection_config: AsyncConnectionConfig,
+    idle: std::sync::Mutex<Vec<BlockingConnection>>,
+    permits: Arc<tokio::sync::Semaphore>,
+}
+
+/// A blocking connection and its server-side client id (for `CLIENT UNBLOCK`).
+pub struct BlockingConnection {
+    pub connection: MultiplexedConnection,
+    pub client_id: i64,
+}
+
+/// A blocking connection lent to one caller. Returned to the pool by [`BlockingLease::release`]
+/// once its command has completed; dropped otherwise, which closes it, so that Redis forgets a
+/// blocked command nobody waits for.
+pub struct BlockingLease {
+    pub inner: Option<BlockingConnection>,
+    pool: Arc<BlockingConnections>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl BlockingLease {
+    /// Gives the connection back for reuse; call only when no command is in flight on it.
+    pub fn release(mut self) {
+        if let Some(connection) = self.inner.take() {
+            self.pool
+                .idle
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .push(connection);
+        }
+    }
+}
+
+impl BlockingConnections {
+    pub fn new(client: Client, connection_config: AsyncConnectionConfig, size: usize) -> Arc<Self> {
+        Arc::new(BlockingConnections {
+            client,
+            // Blocking replies arrive when the server decides; callers bound the wait themselves.
+            connection_config: connection_config.set_response_timeout(None),
+            idle: std::sync::Mutex::new(Vec::new()),
+            permits: Arc::new(tokio::sync::Semaphore::new(size.max(1))),
+        })
+    }
+
+    /// Waits for a free place, then lends an idle connection or opens a new one.
+    pub async fn lease(self: &Arc<Self>) -> Result<BlockingLease, BackendError> {
+        let permit = self
+            .permits
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| BackendError::Unavailable("blocking connections closed".into()))?;
+        let idle = self.idle.lock().unwrap_or_else(|p| p.into_inner()).pop();
+        let connection = match idle {
+            Some(connection) => connection,
+            None => {
+                let mut connection = self
+                    .client
+                    .get_multiplexed_async_connection_with_config(&self.connection_config)
+                    .await
+                    .map_err(map_error)?;
+                let client_id: i64 = redis::cmd("CLIENT")
+                    .arg("ID")
+                    .query_async(&mut connection)
+                    .await
+                    .map_err(map_error)?;
+                BlockingConnection {
+                    connection,
+                    client_id,
+                }
+            }
+        };
+        Ok(BlockingLease {
+            inner: Some(connection),
+            pool: self.clone(),
+            _permit: permit,
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

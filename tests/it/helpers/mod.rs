@@ -20,6 +20,7 @@ pub const TOKEN: &str = "test-token-0123456789";
 
 /// Which backend a test app runs on.
 pub enum Backend {
+    Embedded,
     Redis(RedisServer),
 }
 
@@ -55,9 +56,16 @@ impl TestApp {
         Some(TestApp::spawn(Backend::Redis(redis), extra_toml).await)
     }
 
+    /// A streamgate on the embedded engine.
+    pub async fn on_embedded(extra_toml: &str) -> TestApp {
+        TestApp::spawn(Backend::Embedded, extra_toml).await
+    }
+
     /// Starts streamgate on port 0 with `extra_toml` appended to the base configuration.
     pub async fn spawn(backend: Backend, extra_toml: &str) -> TestApp {
         let (backend_toml, redis) = match backend {
+            Backend::Embedded => ("backend = \"embedded\"\n".to_owned(), None),
+
             Backend::Redis(redis) => (
                 format!("redis_address = \"{}\"\n", redis.address()),
                 Some(redis),
