@@ -12,6 +12,8 @@ use crate::backend::AnyBackend;
 use crate::backend::embedded::EmbeddedBackend;
 use crate::backend::redis::RedisBackend;
 use crate::config::{BackendKind, Config};
+use crate::delivery::groups::{GroupSettings, Groups};
+use crate::delivery::watcher::Watcher;
 use crate::http::{self, AppState};
 
 /// Runs streamgate on an already-bound listener until `shutdown` is cancelled.
@@ -30,7 +32,14 @@ pub async fn run(
         .context("reading the listen address")?;
     print_banner(&config, &backend, local_address);
 
-    let state = AppState::new(backend, config.clone(), shutdown.clone());
+    let watcher = Watcher::start(backend.clone(), shutdown.clone());
+    let groups = Groups::start(
+        backend.clone(),
+        watcher,
+        group_settings(&config),
+        shutdown.clone(),
+    );
+    let state = AppState::new(backend, groups, config.clone(), shutdown.clone());
     let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();
     let server =
         axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
@@ -97,5 +106,16 @@ fn print_banner(config: &Config, backend: &AnyBackend, address: SocketAddr) {
             "token: {} (generated for this run, loopback only; set bearer_token to choose one)",
             token.expose()
         );
+    }
+}
+
+fn group_settings(config: &Config) -> GroupSettings {
+    let consumer = &config.consumer;
+    GroupSettings {
+        default_limit: consumer.default_limit,
+        visibility_timeout: consumer.visibility_timeout,
+        max_deliveries: consumer.max_deliveries,
+        delete_on_finish: consumer.delete_on_finish,
+        cleanup_after: consumer.cleanup_after,
     }
 }

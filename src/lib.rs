@@ -5,7 +5,8 @@
 //! - [`config`]: reads file, environment and flags into a validated [`config::Config`].
 //! - [`model`]: stream names, entry ids, entries — the vocabulary every layer shares.
 //! - [`auth`]: scopes, tokens and principals, independent of any transport.
-//! - [`backend`]: the storage contract and its Redis (and embedded) implementations.
+//! - [`backend`]: the storage contract and its Redis and embedded implementations.
+//! - [`delivery`]: consumer groups and broadcast, transport-agnostic.
 //! - [`http`]: routes, extraction, errors as problem+json; the only layer that knows HTTP.
 //! - [`app`]: wires it together and runs the server until shutdown.
 
@@ -13,6 +14,7 @@ pub mod app;
 pub mod auth;
 pub mod backend;
 pub mod config;
+pub mod delivery;
 pub mod http;
 pub mod model;
 pub mod telemetry;

@@ -244,6 +244,28 @@ impl Entry {
         }
     }
 
+    /// Fields beside the body, when the body is the `data` field: the extra fields of entries
+    /// written by other clients, or a dead letter's `original_id`, `stream`, `group` and
+    /// `deliveries`. streamgate's own `exp` is left out. Empty when there is no `data` field (the
+    /// field map is then the body itself).
+    pub fn extra_fields(&self) -> Vec<(String, String)> {
+        if self.field(DATA_FIELD).is_none() {
+            return Vec::new();
+        }
+        self.fields
+            .iter()
+            .filter(|(key, _)| {
+                key.as_ref() != DATA_FIELD.as_bytes() && key.as_ref() != EXPIRES_FIELD.as_bytes()
+            })
+            .map(|(key, value)| {
+                (
+                    String::from_utf8_lossy(key).into_owned(),
+                    String::from_utf8_lossy(value).into_owned(),
+                )
+            })
+            .collect()
+    }
+
     fn fields_as_json_object(&self) -> Vec<u8> {
         let mut out = Vec::with_capacity(
             2 + self

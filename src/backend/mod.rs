@@ -14,6 +14,19 @@ use serde::Serialize;
 
 use crate::model::{ConsumerName, Entry, EntryId, GroupName, NewEntry, StreamName};
 
+/// Reconnect delays: the first retry waits up to `BACKOFF_MIN`, doubling to at most `BACKOFF_MAX`.
+const BACKOFF_MIN: Duration = Duration::from_millis(100);
+const BACKOFF_MAX: Duration = Duration::from_secs(5);
+
+/// Capped exponential backoff with jitter: a random delay between half and all of the cap for this
+/// attempt, so instances losing the backend together do not retry in lockstep.
+pub fn backoff_delay(attempt: u32) -> Duration {
+    let cap = BACKOFF_MIN
+        .saturating_mul(2u32.saturating_pow(attempt.min(16)))
+        .min(BACKOFF_MAX);
+    cap.mul_f64(rand::random_range(0.5..=1.0))
+}
+
 /// What went wrong in a backend call. Callers branch on these variants; everything they cannot
 /// act on is `Internal`.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -380,7 +393,8 @@ pub trait Backend: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<GroupBatch, BackendError>> + Send;
 
     /// Acknowledges entries (removing them from the pending list), and with `delete` also removes
-    /// them from the stream, atomically; returns how many were pending.
+    /// from the stream, atomically, those that were pending (an entry not pending for this group
+    /// may still be needed by another); returns how many were pending.
     fn ack(
         &self,
         stream: &StreamName,
@@ -427,14 +441,16 @@ pub trait Backend: Clone + Send + Sync + 'static {
         group: &GroupName,
     ) -> impl Future<Output = Result<Vec<ConsumerInfo>, BackendError>> + Send;
 
-    /// Removes a consumer (its pending entries are dropped from the pending list: call this only
-    /// for consumers without any). Returns how many pending entries it had.
-    fn delete_consumer(
+    /// Removes a consumer, atomically checking that it has no pending entries and has been idle
+    /// for at least `min_idle` (so no entry is ever dropped from the pending list). Returns
+    /// whether it was removed.
+    fn remove_idle_consumer(
         &self,
         stream: &StreamName,
         group: &GroupName,
         consumer: &ConsumerName,
-    ) -> impl Future<Output = Result<u64, BackendError>> + Send;
+        min_idle: Duration,
+    ) -> impl Future<Output = Result<bool, BackendError>> + Send;
 
     /// Atomically appends `fields` to `dead_letter` and acknowledges `id` in the group.
     fn dead_letter(
@@ -634,13 +650,14 @@ impl Backend for AnyBackend {
         dispatch!(self, backend => backend.consumers(stream, group).await)
     }
 
-    async fn delete_consumer(
+    async fn remove_idle_consumer(
         &self,
         stream: &StreamName,
         group: &GroupName,
         consumer: &ConsumerName,
-    ) -> Result<u64, BackendError> {
-        dispatch!(self, backend => backend.delete_consumer(stream, group, consumer).await)
+        min_idle: Duration,
+    ) -> Result<bool, BackendError> {
+        dispatch!(self, backend => backend.remove_idle_consumer(stream, group, consumer, min_idle).await)
     }
 
     async fn dead_letter(
@@ -652,5 +669,25 @@ impl Backend for AnyBackend {
         fields: Vec<(bytes::Bytes, bytes::Bytes)>,
     ) -> Result<EntryId, BackendError> {
         dispatch!(self, backend => backend.dead_letter(stream, group, id, dead_letter, fields).await)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_and_is_capped() {
+        for attempt in 0..40 {
+            let delay = backoff_delay(attempt);
+            let cap = BACKOFF_MIN
+                .saturating_mul(2u32.saturating_pow(attempt.min(16)))
+                .min(BACKOFF_MAX);
+            assert!(
+                delay <= cap && delay >= cap / 2,
+                "attempt {attempt}: {delay:?}"
+            );
+        }
+        assert!(backoff_delay(30) <= BACKOFF_MAX);
     }
 }

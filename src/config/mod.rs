@@ -50,6 +50,7 @@ const KEYS: &[&str] = &[
     "consumer.visibility_timeout",
     "consumer.max_deliveries",
     "consumer.delete_on_finish",
+    "consumer.cleanup_after",
     "limits.max_message_bytes",
     "limits.max_body_bytes",
     "limits.max_batch_messages",
@@ -225,6 +226,9 @@ pub struct ConsumerConfig {
     pub visibility_timeout: Duration,
     pub max_deliveries: u32,
     pub delete_on_finish: bool,
+    /// A consumer with nothing pending is removed from its group after this long idle.
+    #[serde(serialize_with = "humantime")]
+    pub cleanup_after: Duration,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -385,6 +389,7 @@ fn read(r: &mut Reader) -> Option<Config> {
             .integer("consumer.max_deliveries", 0..=1_000_000)
             .unwrap_or(10) as u32,
         delete_on_finish: r.boolean("consumer.delete_on_finish").unwrap_or(false),
+        cleanup_after: positive(r, "consumer.cleanup_after").unwrap_or(Duration::from_secs(600)),
     };
     let limits = Limits {
         max_message_bytes: r.byte_size("limits.max_message_bytes").unwrap_or(1 << 20) as usize,

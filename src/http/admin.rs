@@ -14,9 +14,9 @@ use serde_json::value::RawValue;
 use super::AppState;
 use super::auth::Caller;
 use super::error::ApiError;
-use super::extract::{ApiQuery, StreamPath};
+use super::extract::{ApiQuery, LimitedBody, StreamPath, parse_json};
 use crate::auth::Scope;
-use crate::backend::{Backend, BackendError, Direction, GroupInfo, RangeQuery, StreamInfo};
+use crate::backend::{Backend, BackendError, Direction, GroupInfo, RangeQuery, StreamInfo, Trim};
 use crate::model::{Entry, EntryId, StreamName};
 
 /// Default and largest page size when browsing history.
@@ -31,9 +31,12 @@ pub fn router() -> Router<AppState> {
         .route("/admin/stats", get(stats))
         .route("/admin/flush", post(flush))
         .route("/admin/{stream}", get(stream_info))
-        .route("/api/streams/{stream}", get(stream_info))
+        .route(
+            "/api/streams/{stream}",
+            get(stream_info).delete(delete_stream),
+        )
         .route("/api/streams/{stream}/messages", get(browse))
-        .route("/api/streams/{stream}/groups", get(list_groups))
+        .route("/api/streams/{stream}/trim", post(trim))
 }
 
 #[derive(Deserialize)]
@@ -141,6 +144,9 @@ async fn flush(
 struct MessageView {
     id: EntryId,
     body: Box<RawValue>,
+    /// Fields beside `data` (a dead letter's origin, another client's extra fields).
+    #[serde(skip_serializing_if = "serde_json::Map::is_empty")]
+    fields: serde_json::Map<String, serde_json::Value>,
 }
 
 impl MessageView {
@@ -149,7 +155,16 @@ impl MessageView {
             .map_err(|error| ApiError::Internal(error.to_string()))?;
         let body =
             RawValue::from_string(text).map_err(|error| ApiError::Internal(error.to_string()))?;
-        Ok(MessageView { id: entry.id, body })
+        let fields = entry
+            .extra_fields()
+            .into_iter()
+            .map(|(key, value)| (key, serde_json::Value::String(value)))
+            .collect();
+        Ok(MessageView {
+            id: entry.id,
+            body,
+            fields,
+        })
     }
 }
 
@@ -265,14 +280,52 @@ async fn browse(
     }))
 }
 
-async fn list_groups(
+async fn delete_stream(
     State(state): State<AppState>,
     caller: Caller,
     StreamPath(stream): StreamPath,
 ) -> Result<impl IntoResponse, ApiError> {
     caller.require(Scope::Admin, &stream)?;
-    let stats = state.backend.stream_stats(&stream).await?;
+    match state.backend.delete_stream(&stream).await? {
+        true => Ok(Json(
+            serde_json::json!({ "status": "ok", "action": "deleted" }),
+        )),
+        false => Err(ApiError::NotFound("stream not found".into())),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TrimBody {
+    max_len: Option<u64>,
+    min_id: Option<String>,
+}
+
+/// Trims exactly: `{"max_len": N}` keeps the newest N, `{"min_id": id}` removes older entries.
+async fn trim(
+    State(state): State<AppState>,
+    caller: Caller,
+    StreamPath(stream): StreamPath,
+    LimitedBody(body): LimitedBody,
+) -> Result<impl IntoResponse, ApiError> {
+    caller.require(Scope::Admin, &stream)?;
+    let request: TrimBody = parse_json(&body)?;
+    let trim = match (request.max_len, request.min_id) {
+        (Some(max_len), None) => Trim::MaxLen(max_len),
+        (None, Some(min_id)) => Trim::MinId(
+            EntryId::parse_bound(&min_id, false)
+                .map_err(|error| ApiError::BadRequest(error.to_string()))?,
+        ),
+        _ => {
+            return Err(ApiError::BadRequest(
+                "give exactly one of `max_len` or `min_id`".into(),
+            ));
+        }
+    };
+    // Trimming a missing stream is a 404, not a silent zero.
+    state.backend.stream_stats(&stream).await?;
+    let trimmed = state.backend.trim(&stream, trim).await?;
     Ok(Json(
-        serde_json::json!({ "stream": stream, "groups": stats.groups }),
+        serde_json::json!({ "status": "ok", "stream": stream, "trimmed": trimmed }),
     ))
 }

@@ -39,6 +39,9 @@ pub enum ApiError {
         detail: String,
         retry_after_secs: u64,
     },
+    /// This instance is at a configured capacity (streaming connections); retry elsewhere or later.
+    #[error("{0}")]
+    AtCapacity(String),
     /// The backend (or the server) cannot serve now; the cause is logged.
     #[error("service unavailable: {cause}")]
     Unavailable {
@@ -61,7 +64,9 @@ impl ApiError {
             ApiError::Conflict(_) => StatusCode::CONFLICT,
             ApiError::PayloadTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             ApiError::TooManyRequests { .. } => StatusCode::TOO_MANY_REQUESTS,
-            ApiError::Unavailable { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            ApiError::AtCapacity(_) | ApiError::Unavailable { .. } => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
             ApiError::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -77,6 +82,7 @@ impl ApiError {
             ApiError::Conflict(_) => "conflict",
             ApiError::PayloadTooLarge(_) => "payload-too-large",
             ApiError::TooManyRequests { .. } => "rate-limited",
+            ApiError::AtCapacity(_) => "at-capacity",
             ApiError::Unavailable { .. } => "unavailable",
             ApiError::Internal(_) => "internal",
         }
@@ -175,6 +181,9 @@ impl IntoResponse for ApiError {
                 retry_after_secs, ..
             } => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from(*retry_after_secs));
+            }
+            ApiError::AtCapacity(_) => {
+                headers.insert(header::RETRY_AFTER, HeaderValue::from(1));
             }
             _ => {}
         }

@@ -4,10 +4,14 @@
 
 pub mod admin;
 pub mod auth;
+pub mod consumers;
 pub mod error;
+pub mod events;
 pub mod extract;
+pub mod groups;
 pub mod health;
 pub mod produce;
+pub mod sse;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,10 +25,13 @@ use axum::response::{IntoResponse, Response};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
 use self::error::{ApiError, CORRELATION_ID};
 use crate::auth::Authenticator;
 use crate::backend::AnyBackend;
 use crate::config::Config;
+use crate::delivery::groups::Groups;
 
 /// Everything handlers share. Cheap to clone.
 #[derive(Clone)]
@@ -32,26 +39,49 @@ pub struct AppState {
     pub backend: AnyBackend,
     pub config: Arc<Config>,
     pub authenticator: Arc<Authenticator>,
+    pub groups: Groups,
     pub connections: Arc<ConnectionCounts>,
+    /// One permit per streaming connection (`limits.max_connections`).
+    pub streaming_permits: Arc<Semaphore>,
     /// Cancelled when shutdown begins.
     pub shutdown: CancellationToken,
     pub started_at: Instant,
 }
 
 impl AppState {
-    pub fn new(backend: AnyBackend, config: Arc<Config>, shutdown: CancellationToken) -> AppState {
+    pub fn new(
+        backend: AnyBackend,
+        groups: Groups,
+        config: Arc<Config>,
+        shutdown: CancellationToken,
+    ) -> AppState {
         let authenticator = Authenticator::new(
             config.bearer_token.as_ref().map(|token| token.expose()),
             &config.tokens,
         );
         AppState {
             backend,
-            config,
             authenticator: Arc::new(authenticator),
+            groups,
             connections: Arc::new(ConnectionCounts::default()),
+            streaming_permits: Arc::new(Semaphore::new(config.limits.max_connections)),
+            config,
             shutdown,
             started_at: Instant::now(),
         }
+    }
+
+    /// A place for one more streaming connection, or 503 at the configured limit.
+    pub fn streaming_permit(&self) -> Result<OwnedSemaphorePermit, ApiError> {
+        self.streaming_permits
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| {
+                ApiError::AtCapacity(format!(
+                    "this instance serves its maximum of {} streaming connections",
+                    self.config.limits.max_connections
+                ))
+            })
     }
 }
 
@@ -63,7 +93,32 @@ pub struct ConnectionCounts {
     pub long_poll: AtomicU64,
 }
 
+/// Counts one open connection until dropped.
+pub struct OpenConnection {
+    counts: Arc<ConnectionCounts>,
+    transport: fn(&ConnectionCounts) -> &AtomicU64,
+}
+
+impl Drop for OpenConnection {
+    fn drop(&mut self) {
+        (self.transport)(&self.counts).fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 impl ConnectionCounts {
+    /// Counts an SSE connection while the returned guard lives.
+    pub fn open_sse(self: &Arc<Self>) -> OpenConnection {
+        self.open(|counts| &counts.sse)
+    }
+
+    fn open(self: &Arc<Self>, transport: fn(&ConnectionCounts) -> &AtomicU64) -> OpenConnection {
+        transport(self).fetch_add(1, Ordering::Relaxed);
+        OpenConnection {
+            counts: self.clone(),
+            transport,
+        }
+    }
+
     /// (sse, websocket, long_poll) right now.
     pub fn snapshot(&self) -> (u64, u64, u64) {
         (
@@ -79,13 +134,23 @@ pub fn router(state: AppState) -> Router {
     let authenticated = Router::new()
         .merge(produce::router())
         .merge(admin::router())
+        .merge(consumers::router())
+        .merge(groups::router())
         .layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_header_token,
         ));
+    // Browsers' EventSource and WebSocket cannot set headers: these accept `?token=` too.
+    let streaming = Router::new()
+        .merge(events::router())
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_header_or_query_token,
+        ));
     Router::new()
         .merge(health::router())
         .merge(authenticated)
+        .merge(streaming)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // Bodies are read by `extract::LimitedBody` against the configured limit.

@@ -572,10 +572,14 @@ async fn acknowledging_removes_from_the_pending_list<B: Backend>(backend: B) {
         pending.iter().map(|p| p.id).collect::<Vec<_>>(),
         [ids[1], ids[2]]
     );
-    // Acknowledged entries stay in the stream, unless deleted on acknowledgement.
+    // Acknowledged entries stay in the stream, unless deleted on acknowledgement; then only what
+    // was pending is deleted (ids[0] was acknowledged before, so another group may need it).
     assert_eq!(backend.stream_stats(&s).await.unwrap().length, 3);
     assert_eq!(
-        backend.ack(&s, &g, &[ids[1], ids[2]], true).await.unwrap(),
+        backend
+            .ack(&s, &g, &[ids[0], ids[1], ids[2]], true)
+            .await
+            .unwrap(),
         2
     );
     let left = backend
@@ -955,7 +959,7 @@ async fn pending_lists_and_idle_times<B: Backend>(backend: B) {
 
 async fn consumers_are_listed_and_removed<B: Backend>(backend: B) {
     let (s, g) = (stream("members"), group("g"));
-    fill(&backend, "members", 3).await;
+    fill(&backend, "members", 4).await;
     backend
         .create_group(&s, &g, GroupStart::After(EntryId::MIN))
         .await
@@ -968,7 +972,6 @@ async fn consumers_are_listed_and_removed<B: Backend>(backend: B) {
         .read_group(&s, &g, &consumer("b"), new_entries(1))
         .await
         .unwrap();
-
     let consumers = backend.consumers(&s, &g).await.unwrap();
     let summary: Vec<(String, u64)> = consumers
         .iter()
@@ -976,28 +979,59 @@ async fn consumers_are_listed_and_removed<B: Backend>(backend: B) {
         .collect();
     assert_eq!(summary, [("a".into(), 2), ("b".into(), 1)]);
     assert!(consumers.iter().all(|c| c.idle < Duration::from_secs(5)));
-    assert_eq!(
-        backend
-            .delete_consumer(&s, &g, &consumer("b"))
+
+    // A consumer that owns entries, or has not been idle long enough, stays.
+    let (idle, b) = (consumer("idle"), consumer("b"));
+    backend
+        .read_group(&s, &g, &idle, own_pending(EntryId::MIN, 1))
+        .await
+        .unwrap(); // owns nothing
+    assert!(
+        !backend
+            .remove_idle_consumer(&s, &g, &b, Duration::ZERO)
             .await
-            .unwrap(),
-        1
+            .unwrap()
     );
-    assert_eq!(
-        backend
-            .delete_consumer(&s, &g, &consumer("b"))
+    assert!(
+        !backend
+            .remove_idle_consumer(&s, &g, &idle, Duration::from_secs(60))
             .await
-            .unwrap(),
-        0
+            .unwrap()
     );
-    assert_eq!(backend.consumers(&s, &g).await.unwrap().len(), 1);
+    tokio::time::sleep(Duration::from_millis(80)).await;
+    assert!(
+        backend
+            .remove_idle_consumer(&s, &g, &idle, Duration::from_millis(50))
+            .await
+            .unwrap()
+    );
+    assert!(
+        !backend
+            .remove_idle_consumer(&s, &g, &idle, Duration::ZERO)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !backend
+            .remove_idle_consumer(&s, &g, &consumer("nobody"), Duration::ZERO)
+            .await
+            .unwrap()
+    );
+    let names: Vec<String> = backend
+        .consumers(&s, &g)
+        .await
+        .unwrap()
+        .iter()
+        .map(|c| c.name.to_string())
+        .collect();
+    assert_eq!(names, ["a", "b"]);
     assert_eq!(
         backend
             .pending(&s, &g, PendingQuery::all(10))
             .await
             .unwrap()
             .len(),
-        2
+        3
     );
 }
 

@@ -36,6 +36,7 @@ mod admin;
 mod auth;
 mod cli;
 mod conformance;
+mod groups;
 
 mod health;
 mod lifecycle;

@@ -546,14 +546,18 @@ impl Backend for EmbeddedBackend {
             .unwrap_or_else(missing_group)
     }
 
-    async fn delete_consumer(
+    async fn remove_idle_consumer(
         &self,
         stream: &StreamName,
         group: &GroupName,
         consumer: &ConsumerName,
-    ) -> Result<u64, BackendError> {
+        min_idle: Duration,
+    ) -> Result<bool, BackendError> {
+        let now = self.engine.mono_ms();
         self.engine
-            .read(stream, |state| state.delete_consumer(group, consumer))
+            .read(stream, |state| {
+                state.remove_idle_consumer(group, consumer, min_idle, now)
+            })
             .unwrap_or_else(missing_group)
     }
 

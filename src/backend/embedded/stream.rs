@@ -380,14 +380,14 @@ impl StreamState {
     /// Acknowledges; with `delete` also removes the entries. Returns how many were pending (0 for
     /// a missing group, as Redis answers).
     pub fn ack(&mut self, name: &GroupName, ids: &[EntryId], delete: bool) -> u64 {
-        let acked = match self.groups.get_mut(name) {
-            Some(group) => ids.iter().filter(|id| group.forget(**id)).count() as u64,
-            None => 0,
+        let Some(group) = self.groups.get_mut(name) else {
+            return 0;
         };
+        let acked: Vec<EntryId> = ids.iter().copied().filter(|id| group.forget(*id)).collect();
         if delete {
-            self.delete(ids);
+            self.delete(&acked);
         }
-        acked
+        acked.len() as u64
     }
 
     /// `XAUTOCLAIM`: scans at most `count * 10` pending entries from `cursor`.
@@ -507,19 +507,22 @@ impl StreamState {
             .collect())
     }
 
-    pub fn delete_consumer(
+    /// Removes the consumer if it owns nothing and has been idle for `min_idle`.
+    pub fn remove_idle_consumer(
         &mut self,
         name: &GroupName,
         consumer: &ConsumerName,
-    ) -> Result<u64, BackendError> {
+        min_idle: Duration,
+        now: i64,
+    ) -> Result<bool, BackendError> {
         let group = self.group_mut(name)?;
-        let Some(removed) = group.consumers.remove(consumer) else {
-            return Ok(0);
-        };
-        for id in &removed.pending {
-            group.pending.remove(id);
+        let removable = group.consumers.get(consumer).is_some_and(|state| {
+            state.pending.is_empty() && idle_since(state.seen_at, now) >= min_idle
+        });
+        if removable {
+            group.consumers.remove(consumer);
         }
-        Ok(removed.pending.len() as u64)
+        Ok(removable)
     }
 }
 

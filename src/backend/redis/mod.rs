@@ -113,6 +113,40 @@ end
 return redis.call(unpack(args))
 "#;
 
+/// Removes a consumer only if it owns no pending entry and has been idle long enough; checked
+/// and done atomically, so an entry read meanwhile can never be dropped from the pending list.
+///
+/// KEYS: stream. ARGV: group, consumer, min idle ms. Returns 1 when removed.
+const REMOVE_IDLE_CONSUMER: &str = r#"
+local consumers = redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])
+for _, consumer in ipairs(consumers) do
+  local fields = {}
+  for i = 1, #consumer, 2 do fields[consumer[i]] = consumer[i + 1] end
+  if fields['name'] == ARGV[2] then
+    if fields['pending'] == 0 and fields['idle'] >= tonumber(ARGV[3]) then
+      redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+      return 1
+    end
+    return 0
+  end
+end
+return 0
+"#;
+
+/// Acknowledges entries and deletes those that were pending, atomically.
+///
+/// KEYS: stream. ARGV: group, then the ids. Returns how many were pending.
+const ACK_AND_DELETE: &str = r#"
+local acked = 0
+for i = 2, #ARGV do
+  if redis.call('XACK', KEYS[1], ARGV[1], ARGV[i]) == 1 then
+    redis.call('XDEL', KEYS[1], ARGV[i])
+    acked = acked + 1
+  end
+end
+return acked
+"#;
+
 /// Deletes a key only if it is a stream. KEYS: stream.
 const DELETE_STREAM: &str = r#"
 if redis.call('TYPE', KEYS[1]).ok == 'stream' then return redis.call('DEL', KEYS[1]) end
@@ -134,6 +168,8 @@ struct Inner {
     set_pending_idle: redis::Script,
     delete_stream: redis::Script,
     position_group: redis::Script,
+    remove_idle_consumer: redis::Script,
+    ack_and_delete: redis::Script,
 }
 
 impl RedisBackend {
@@ -169,6 +205,8 @@ impl RedisBackend {
                 set_pending_idle: redis::Script::new(SET_PENDING_IDLE),
                 delete_stream: redis::Script::new(DELETE_STREAM),
                 position_group: redis::Script::new(POSITION_GROUP),
+                remove_idle_consumer: redis::Script::new(REMOVE_IDLE_CONSUMER),
+                ack_and_delete: redis::Script::new(ACK_AND_DELETE),
             }),
         })
     }
@@ -728,26 +766,20 @@ impl Backend for RedisBackend {
         if ids.is_empty() {
             return Ok(0);
         }
-        let mut pipeline = redis::pipe();
         if delete {
-            pipeline.atomic();
+            let mut invocation = self.inner.ack_and_delete.key(stream.as_str());
+            invocation.arg(group.as_str());
+            for id in ids {
+                invocation.arg(id.to_string());
+            }
+            return self.script(&invocation).await;
         }
-        let command = pipeline
-            .cmd("XACK")
-            .arg(stream.as_str())
-            .arg(group.as_str());
+        let mut command = redis::cmd("XACK");
+        command.arg(stream.as_str()).arg(group.as_str());
         for id in ids {
             command.arg(id.to_string());
         }
-        if delete {
-            let command = pipeline.cmd("XDEL").arg(stream.as_str());
-            for id in ids {
-                command.arg(id.to_string());
-            }
-            command.ignore();
-        }
-        let replies = self.query_pipeline(&pipeline).await?;
-        parse::integer(replies.into_iter().next().unwrap_or(Value::Nil))
+        self.query(&command).await
     }
 
     async fn claim_idle(
@@ -822,19 +854,20 @@ impl Backend for RedisBackend {
         parse::consumers(reply)
     }
 
-    async fn delete_consumer(
+    async fn remove_idle_consumer(
         &self,
         stream: &StreamName,
         group: &GroupName,
         consumer: &ConsumerName,
-    ) -> Result<u64, BackendError> {
-        let command = redis::cmd("XGROUP")
-            .arg("DELCONSUMER")
-            .arg(stream.as_str())
+        min_idle: Duration,
+    ) -> Result<bool, BackendError> {
+        let mut invocation = self.inner.remove_idle_consumer.key(stream.as_str());
+        invocation
             .arg(group.as_str())
             .arg(consumer.as_str())
-            .clone();
-        self.query(&command).await.map_err(group_error)
+            .arg(min_idle.as_millis() as u64);
+        let removed: i64 = self.script(&invocation).await.map_err(group_error)?;
+        Ok(removed == 1)
     }
 
     async fn dead_letter(

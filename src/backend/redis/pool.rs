@@ -9,7 +9,6 @@
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, RwLock};
-use std::time::Duration;
 
 use redis::aio::MultiplexedConnection;
 use redis::{AsyncConnectionConfig, Client, RedisError};
@@ -17,20 +16,7 @@ use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::map_error;
-use crate::backend::BackendError;
-
-/// Reconnect delays: the first retry waits up to `BACKOFF_MIN`, doubling to at most `BACKOFF_MAX`.
-const BACKOFF_MIN: Duration = Duration::from_millis(100);
-const BACKOFF_MAX: Duration = Duration::from_secs(5);
-
-/// Capped exponential backoff with jitter: a random delay between half and all of the cap for this
-/// attempt, so instances losing Redis together do not reconnect in lockstep.
-pub fn backoff_delay(attempt: u32) -> Duration {
-    let cap = BACKOFF_MIN
-        .saturating_mul(2u32.saturating_pow(attempt.min(16)))
-        .min(BACKOFF_MAX);
-    cap.mul_f64(rand::random_range(0.5..=1.0))
-}
+use crate::backend::{BackendError, backoff_delay};
 
 /// One connection place. The lock guards a clone-able handle and is never held across `.await`.
 struct Slot {
@@ -315,25 +301,5 @@ impl BlockingConnections {
             pool: self.clone(),
             _permit: permit,
         })
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_grows_and_is_capped() {
-        for attempt in 0..40 {
-            let delay = backoff_delay(attempt);
-            let cap = BACKOFF_MIN
-                .saturating_mul(2u32.saturating_pow(attempt.min(16)))
-                .min(BACKOFF_MAX);
-            assert!(
-                delay <= cap && delay >= cap / 2,
-                "attempt {attempt}: {delay:?}"
-            );
-        }
-        assert!(backoff_delay(30) <= BACKOFF_MAX);
     }
 }

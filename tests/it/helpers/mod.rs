@@ -3,6 +3,7 @@
 
 pub mod process;
 pub mod redis_server;
+pub mod sse;
 
 use std::net::SocketAddr;
 use std::time::Duration;
@@ -161,6 +162,12 @@ impl TestApp {
 
     pub fn redis_mut(&mut self) -> &mut RedisServer {
         self.redis.as_mut().expect("this test app runs on Redis")
+    }
+
+    /// Stops this streamgate and hands over its redis-server (for a second instance).
+    pub fn into_redis(mut self) -> RedisServer {
+        self.shutdown.cancel();
+        self.redis.take().expect("this test app runs on Redis")
     }
 }
 

@@ -1,0 +1,925 @@
+//! Consumer groups on this instance: competing consumers with flow control, acknowledgement,
+//! redelivery and dead letters. Transport-agnostic: SSE, WebSocket and long-polling each hold a
+//! [`Subscription`] and forward what it yields.
+//!
+//! Each connection is its own consumer of the backend's group. One dispatcher task per
+//! (stream, group) with live consumers here reads *on behalf of* the consumers that have free
+//! credit (limit minus messages in flight), round-robin, in chunks; it reads new entries only
+//! when the stream watcher says the stream grew, when credit frees up, or on its claim timer. So
+//! the number of backend round trips follows the messages, not the number of consumers, and an
+//! idle consumer costs nothing.
+//!
+//! Every `visibility_timeout / 4` the dispatcher also claims entries idle for
+//! `visibility_timeout` (walking the whole pending list with the claim cursor) for its consumers
+//! with credit, dead-letters entries over `max_deliveries`, and frees credit held by messages that
+//! have since been claimed elsewhere.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+
+use super::watcher::Watcher;
+use crate::backend::{
+    AnyBackend, Backend, BackendError, Delivery, GroupCursor, GroupRead, GroupStart, PendingQuery,
+    backoff_delay,
+};
+use crate::model::{ConsumerName, Entry, EntryId, GroupName, StreamName, now_ms};
+
+/// The highest flow-control limit a consumer may have.
+pub const MAX_LIMIT: u32 = 10_000;
+
+/// Most entries read for one consumer in one round, so a backlog is spread over consumers.
+const CHUNK: usize = 64;
+
+/// Most entries claimed in one claim step.
+const CLAIM_STEP: usize = 100;
+
+/// How consumer groups behave (from the `[consumer]` configuration).
+#[derive(Debug, Clone)]
+pub struct GroupSettings {
+    pub default_limit: u32,
+    pub visibility_timeout: Duration,
+    pub max_deliveries: u32,
+    pub delete_on_finish: bool,
+    /// A consumer with nothing pending is removed from the group after this long idle.
+    pub cleanup_after: Duration,
+}
+
+impl GroupSettings {
+    /// How often each dispatcher looks for idle entries to claim.
+    fn claim_interval(&self) -> Duration {
+        (self.visibility_timeout / 4).clamp(Duration::from_millis(100), Duration::from_secs(5))
+    }
+}
+
+/// A consumer's delivery guarantee.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Messages stay pending until finished; unfinished ones are redelivered.
+    AtLeastOnce,
+    /// Messages are delivered once and never pending (`NOACK`).
+    AtMostOnce,
+}
+
+/// What a client asks for when it connects as a group consumer.
+#[derive(Debug, Clone)]
+pub struct ConsumerSpec {
+    pub stream: StreamName,
+    pub group: GroupName,
+    /// The consumer's name; generated (unique across instances and restarts) when absent.
+    pub consumer: Option<ConsumerName>,
+    /// Most messages in flight; the group's default when absent.
+    pub limit: Option<u32>,
+    /// Where the group starts if this connection creates it.
+    pub start: GroupStart,
+    pub mode: Mode,
+}
+
+/// One message for one consumer.
+#[derive(Debug, Clone)]
+pub struct GroupMessage {
+    pub entry: Entry,
+    /// How often it has been delivered, this time included.
+    pub deliveries: u64,
+}
+
+/// Why a consumer could not connect.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("consumer `{0}` is already connected to this group on this instance")]
+    Duplicate(ConsumerName),
+    #[error(transparent)]
+    Backend(#[from] BackendError),
+}
+
+/// The status of a group's consumers on this instance.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupStatus {
+    pub consumers: usize,
+    /// Messages delivered to the current consumers since each connected.
+    pub messages: u64,
+    /// Of those, how many were finished.
+    pub finished: u64,
+}
+
+type GroupKey = (StreamName, GroupName);
+
+/// One connected consumer.
+struct LocalConsumer {
+    name: ConsumerName,
+    mode: Mode,
+    limit: AtomicU32,
+    /// Messages delivered and not yet finished (at-least-once only), with when they were sent.
+    in_flight: Mutex<HashMap<EntryId, Instant>>,
+    delivered: AtomicU64,
+    finished: AtomicU64,
+    sender: mpsc::Sender<GroupMessage>,
+    /// While set, the consumer's own pending entries after this id are delivered first (a
+    /// reconnecting consumer gets back what it had not finished).
+    replay_from: Mutex<Option<EntryId>>,
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // No lock here is held across an await or while calling out; a poisoned one is still sound.
+    mutex.lock().unwrap_or_else(|poison| poison.into_inner())
+}
+
+impl LocalConsumer {
+    /// How many more messages it may receive now.
+    fn credit(&self) -> usize {
+        if self.sender.is_closed() {
+            // Disconnecting: whatever it read now would only wait for the visibility timeout.
+            return 0;
+        }
+        let limit = self.limit.load(Ordering::Relaxed) as usize;
+        let used = match self.mode {
+            Mode::AtLeastOnce => lock(&self.in_flight).len(),
+            // Nothing is in flight; what waits in the channel is the bound.
+            Mode::AtMostOnce => self.sender.max_capacity() - self.sender.capacity(),
+        };
+        limit.saturating_sub(used)
+    }
+}
+
+/// What a dispatcher does next for a consumer.
+enum Work {
+    Replay(EntryId, usize),
+    New(usize),
+}
+
+#[derive(Default)]
+struct DispatchState {
+    consumers: Vec<Arc<LocalConsumer>>,
+    /// Round-robin position.
+    next: usize,
+    /// The last read of new entries came back short: wait for the stream to grow.
+    drained: bool,
+}
+
+/// The dispatcher of one (stream, group) on this instance.
+struct Dispatch {
+    key: GroupKey,
+    state: Mutex<DispatchState>,
+    wake: Notify,
+    claim_requested: AtomicBool,
+    /// Cancelled when the dispatcher ends (no consumers left, the group is gone, shutdown).
+    stop: CancellationToken,
+}
+
+impl Dispatch {
+    fn state(&self) -> MutexGuard<'_, DispatchState> {
+        lock(&self.state)
+    }
+
+    /// The next consumer with credit and something to do, round-robin.
+    fn next_work(&self) -> Option<(Arc<LocalConsumer>, Work)> {
+        let mut state = self.state();
+        let n = state.consumers.len();
+        for offset in 0..n {
+            let index = (state.next + offset) % n;
+            let consumer = state.consumers[index].clone();
+            let credit = consumer.credit();
+            if credit == 0 {
+                continue;
+            }
+            let work = match *lock(&consumer.replay_from) {
+                Some(after) => Work::Replay(after, credit.min(CHUNK)),
+                None if !state.drained => Work::New(credit.min(CHUNK)),
+                None => continue,
+            };
+            state.next = index + 1;
+            return Some((consumer, work));
+        }
+        None
+    }
+
+    /// The at-least-once consumer with the most credit, to claim idle entries for.
+    fn claimer(&self) -> Option<Arc<LocalConsumer>> {
+        self.state()
+            .consumers
+            .iter()
+            .filter(|consumer| consumer.mode == Mode::AtLeastOnce)
+            .map(|consumer| (consumer.credit(), consumer))
+            .filter(|(credit, _)| *credit > 0)
+            .max_by_key(|(credit, _)| *credit)
+            .map(|(_, consumer)| consumer.clone())
+    }
+
+    /// Takes `id` out of every local consumer's in-flight set except `keep`'s; returns whether
+    /// any credit was freed.
+    fn release_elsewhere(&self, id: EntryId, keep: Option<&ConsumerName>) -> bool {
+        let mut freed = false;
+        for consumer in &self.state().consumers {
+            if Some(&consumer.name) != keep && lock(&consumer.in_flight).remove(&id).is_some() {
+                freed = true;
+            }
+        }
+        freed
+    }
+}
+
+/// A record of a delivery, so seed 000's `POST /api/messages/{id}/finish` can find its group.
+struct Delivered {
+    key: GroupKey,
+    consumer: ConsumerName,
+    /// Set when the consumer disconnected; the record is dropped a visibility timeout later.
+    orphaned_at: Option<Instant>,
+}
+
+struct Shared {
+    backend: AnyBackend,
+    watcher: Watcher,
+    settings: GroupSettings,
+    shutdown: CancellationToken,
+    dispatches: Mutex<HashMap<GroupKey, Arc<Dispatch>>>,
+    /// Limits set through the limit route, for consumers that connect later.
+    default_limits: Mutex<HashMap<GroupKey, u32>>,
+    delivered: Mutex<HashMap<EntryId, Vec<Delivered>>>,
+}
+
+/// Consumer groups on this instance. Cheap to clone.
+#[derive(Clone)]
+pub struct Groups {
+    shared: Arc<Shared>,
+}
+
+/// A connected consumer: yields its messages until it is dropped (which disconnects it), the
+/// group disappears, or shutdown begins.
+pub struct Subscription {
+    pub stream: StreamName,
+    pub group: GroupName,
+    pub consumer: ConsumerName,
+    receiver: mpsc::Receiver<GroupMessage>,
+    _registration: Registration,
+}
+
+impl Subscription {
+    /// The next message; `None` once the subscription has ended.
+    pub async fn next(&mut self) -> Option<GroupMessage> {
+        self.receiver.recv().await
+    }
+}
+
+/// Unregisters a consumer when its subscription is dropped.
+struct Registration {
+    shared: Weak<Shared>,
+    dispatch: Arc<Dispatch>,
+    consumer: ConsumerName,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Some(shared) = self.shared.upgrade() {
+            shared.unregister(&self.dispatch, &self.consumer);
+        }
+    }
+}
+
+/// A consumer name no other connection has had: random, so unique across instances and
+/// restarts.
+fn generated_name() -> ConsumerName {
+    let name = format!("sg-{}", hex::encode(rand::random::<[u8; 8]>()));
+    ConsumerName::parse(name).unwrap_or_else(|_| unreachable!("generated names are valid"))
+}
+
+impl Groups {
+    pub fn start(
+        backend: AnyBackend,
+        watcher: Watcher,
+        settings: GroupSettings,
+        shutdown: CancellationToken,
+    ) -> Groups {
+        let shared = Arc::new(Shared {
+            backend,
+            watcher,
+            settings,
+            shutdown: shutdown.clone(),
+            dispatches: Mutex::new(HashMap::new()),
+            default_limits: Mutex::new(HashMap::new()),
+            delivered: Mutex::new(HashMap::new()),
+        });
+        tokio::spawn(prune_delivered(Arc::downgrade(&shared), shutdown));
+        Groups { shared }
+    }
+
+    /// Connects a consumer: creates the group if needed and registers the consumer here. Fails
+    /// if a consumer of that name is already connected to the group on this instance.
+    pub async fn connect(&self, spec: ConsumerSpec) -> Result<Subscription, ConnectError> {
+        let shared = &self.shared;
+        shared
+            .backend
+            .create_group(&spec.stream, &spec.group, spec.start)
+            .await?;
+        let key = (spec.stream.clone(), spec.group.clone());
+        let limit = spec
+            .limit
+            .or_else(|| lock(&shared.default_limits).get(&key).copied())
+            .unwrap_or(shared.settings.default_limit)
+            .clamp(1, MAX_LIMIT);
+        // A named consumer may have pending entries from an earlier connection: deliver those
+        // first. A generated name is new, so it has none.
+        let replay_from =
+            (spec.mode == Mode::AtLeastOnce && spec.consumer.is_some()).then_some(EntryId::MIN);
+        let name = spec.consumer.unwrap_or_else(generated_name);
+        let (sender, receiver) = mpsc::channel(MAX_LIMIT as usize);
+        let consumer = Arc::new(LocalConsumer {
+            name: name.clone(),
+            mode: spec.mode,
+            limit: AtomicU32::new(limit),
+            in_flight: Mutex::new(HashMap::new()),
+            delivered: AtomicU64::new(0),
+            finished: AtomicU64::new(0),
+            sender,
+            replay_from: Mutex::new(replay_from),
+        });
+        let dispatch = {
+            let mut dispatches = lock(&shared.dispatches);
+            let dispatch = dispatches
+                .entry(key.clone())
+                .or_insert_with(|| {
+                    let dispatch = Arc::new(Dispatch {
+                        key: key.clone(),
+                        state: Mutex::new(DispatchState::default()),
+                        wake: Notify::new(),
+                        claim_requested: AtomicBool::new(false),
+                        stop: shared.shutdown.child_token(),
+                    });
+                    tokio::spawn(run(Arc::downgrade(shared), dispatch.clone()));
+                    dispatch
+                })
+                .clone();
+            {
+                let mut state = dispatch.state();
+                if state.consumers.iter().any(|existing| existing.name == name) {
+                    return Err(ConnectError::Duplicate(name));
+                }
+                state.consumers.push(consumer);
+            }
+            dispatch
+        };
+        dispatch.wake.notify_one();
+        Ok(Subscription {
+            stream: spec.stream,
+            group: spec.group,
+            consumer: name.clone(),
+            receiver,
+            _registration: Registration {
+                shared: Arc::downgrade(shared),
+                dispatch,
+                consumer: name,
+            },
+        })
+    }
+
+    /// Acknowledges messages (from any instance) and frees the credit of those that were in
+    /// flight for `consumer` here. Returns how many were pending.
+    pub async fn finish(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+        consumer: Option<&ConsumerName>,
+        ids: &[EntryId],
+    ) -> Result<u64, BackendError> {
+        let shared = &self.shared;
+        let acked = shared
+            .backend
+            .ack(stream, group, ids, shared.settings.delete_on_finish)
+            .await?;
+        shared.release(&(stream.clone(), group.clone()), consumer, ids, true);
+        Ok(acked)
+    }
+
+    /// Where this instance delivered `id` (for seed 000's finish by id alone): the stream, group
+    /// and consumer of each delivery it still remembers.
+    pub fn delivery_targets(&self, id: EntryId) -> Vec<(StreamName, GroupName, ConsumerName)> {
+        lock(&self.shared.delivered)
+            .get(&id)
+            .into_iter()
+            .flatten()
+            .map(|record| {
+                (
+                    record.key.0.clone(),
+                    record.key.1.clone(),
+                    record.consumer.clone(),
+                )
+            })
+            .collect()
+    }
+
+    /// Makes an in-flight message claimable at once (it is redelivered by the next claim).
+    /// Returns whether it was pending.
+    pub async fn nack(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+        id: EntryId,
+    ) -> Result<bool, BackendError> {
+        let shared = &self.shared;
+        let idle = shared.settings.visibility_timeout + Duration::from_secs(1);
+        let pending = shared
+            .backend
+            .set_pending_idle(stream, group, id, idle)
+            .await?;
+        if pending {
+            let key = (stream.clone(), group.clone());
+            shared.release(&key, None, &[id], false);
+            if let Some(dispatch) = lock(&shared.dispatches).get(&key) {
+                dispatch.claim_requested.store(true, Ordering::Relaxed);
+                dispatch.wake.notify_one();
+            }
+        }
+        Ok(pending)
+    }
+
+    /// Restarts an in-flight message's visibility timeout. Returns whether it was pending.
+    pub async fn touch(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+        id: EntryId,
+    ) -> Result<bool, BackendError> {
+        let shared = &self.shared;
+        let pending = shared
+            .backend
+            .set_pending_idle(stream, group, id, Duration::ZERO)
+            .await?;
+        if pending && let Some(dispatch) = shared.dispatch(&(stream.clone(), group.clone())) {
+            for consumer in &dispatch.state().consumers {
+                if let Some(sent) = lock(&consumer.in_flight).get_mut(&id) {
+                    *sent = Instant::now();
+                }
+            }
+        }
+        Ok(pending)
+    }
+
+    /// Sets the limit of every consumer of the group here, and the default for later ones.
+    /// Returns how many consumers were changed.
+    pub fn set_limit(&self, stream: &StreamName, group: &GroupName, limit: u32) -> usize {
+        let shared = &self.shared;
+        let key = (stream.clone(), group.clone());
+        let limit = limit.clamp(1, MAX_LIMIT);
+        {
+            let mut limits = lock(&shared.default_limits);
+            // Bounded: clients cannot grow this map without end.
+            if limits.len() >= 10_000 && !limits.contains_key(&key) {
+                limits.clear();
+            }
+            limits.insert(key.clone(), limit);
+        }
+        let Some(dispatch) = shared.dispatch(&key) else {
+            return 0;
+        };
+        let n = {
+            let state = dispatch.state();
+            for consumer in &state.consumers {
+                consumer.limit.store(limit, Ordering::Relaxed);
+            }
+            state.consumers.len()
+        };
+        dispatch.wake.notify_one();
+        n
+    }
+
+    /// This instance's consumers of the group; `None` when there are none.
+    pub fn status(&self, stream: &StreamName, group: &GroupName) -> Option<GroupStatus> {
+        let dispatch = self.shared.dispatch(&(stream.clone(), group.clone()))?;
+        let state = dispatch.state();
+        (!state.consumers.is_empty()).then(|| GroupStatus {
+            consumers: state.consumers.len(),
+            messages: state
+                .consumers
+                .iter()
+                .map(|c| c.delivered.load(Ordering::Relaxed))
+                .sum(),
+            finished: state
+                .consumers
+                .iter()
+                .map(|c| c.finished.load(Ordering::Relaxed))
+                .sum(),
+        })
+    }
+}
+
+impl Shared {
+    fn dispatch(&self, key: &GroupKey) -> Option<Arc<Dispatch>> {
+        lock(&self.dispatches).get(key).cloned()
+    }
+
+    fn unregister(&self, dispatch: &Arc<Dispatch>, name: &ConsumerName) {
+        let removed = {
+            let mut dispatches = lock(&self.dispatches);
+            let mut state = dispatch.state();
+            let position = state
+                .consumers
+                .iter()
+                .position(|consumer| consumer.name == *name);
+            let removed = position.map(|position| state.consumers.remove(position));
+            let current = dispatches
+                .get(&dispatch.key)
+                .is_some_and(|live| Arc::ptr_eq(live, dispatch));
+            if state.consumers.is_empty() && current {
+                dispatches.remove(&dispatch.key);
+                dispatch.stop.cancel();
+            }
+            removed
+        };
+        // What it had in flight stays pending in the group (redelivered after the visibility
+        // timeout); seed 000's finish keeps working for it until then.
+        if let Some(consumer) = removed {
+            let now = Instant::now();
+            let in_flight: Vec<EntryId> = lock(&consumer.in_flight).keys().copied().collect();
+            let mut delivered = lock(&self.delivered);
+            for id in &in_flight {
+                for record in delivered.get_mut(id).into_iter().flatten() {
+                    if record.key == dispatch.key && record.consumer == consumer.name {
+                        record.orphaned_at = Some(now);
+                    }
+                }
+            }
+        }
+    }
+
+    /// Frees the credit of `ids` held here (by `consumer`, or by anyone when `None`) and forgets
+    /// their delivery records.
+    fn release(
+        &self,
+        key: &GroupKey,
+        consumer: Option<&ConsumerName>,
+        ids: &[EntryId],
+        finished: bool,
+    ) {
+        {
+            let mut delivered = lock(&self.delivered);
+            for id in ids {
+                if let Some(records) = delivered.get_mut(id) {
+                    records.retain(|record| record.key != *key);
+                    if records.is_empty() {
+                        delivered.remove(id);
+                    }
+                }
+            }
+        }
+        let Some(dispatch) = self.dispatch(key) else {
+            return;
+        };
+        let mut freed = false;
+        for local in &dispatch.state().consumers {
+            if consumer.is_some_and(|name| *name != local.name) {
+                continue;
+            }
+            let mut in_flight = lock(&local.in_flight);
+            for id in ids {
+                if in_flight.remove(id).is_some() {
+                    freed = true;
+                    if finished {
+                        local.finished.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            }
+        }
+        if freed {
+            dispatch.wake.notify_one();
+        }
+    }
+
+    fn record_delivery(&self, key: &GroupKey, consumer: &ConsumerName, id: EntryId) {
+        let mut delivered = lock(&self.delivered);
+        let records = delivered.entry(id).or_default();
+        records.retain(|record| record.key != *key);
+        records.push(Delivered {
+            key: key.clone(),
+            consumer: consumer.clone(),
+            orphaned_at: None,
+        });
+    }
+
+    /// Hands read entries to `consumer`, except those over `max_deliveries` (dead-lettered) and
+    /// those whose `ttl` has passed (acknowledged unseen).
+    async fn deliver(
+        &self,
+        dispatch: &Dispatch,
+        consumer: &LocalConsumer,
+        deliveries: Vec<Delivery>,
+    ) -> Result<(), BackendError> {
+        let (stream, group) = &dispatch.key;
+        let now = now_ms();
+        let at_least_once = consumer.mode == Mode::AtLeastOnce;
+        let max_deliveries = u64::from(self.settings.max_deliveries);
+        let mut expired = Vec::new();
+        for delivery in deliveries {
+            let id = delivery.entry.id;
+            if at_least_once && max_deliveries > 0 && delivery.deliveries > max_deliveries {
+                self.dead_letter(dispatch, &delivery).await?;
+                continue;
+            }
+            if delivery.entry.is_expired(now) {
+                expired.push(id);
+                continue;
+            }
+            if at_least_once {
+                lock(&consumer.in_flight).insert(id, Instant::now());
+                self.record_delivery(&dispatch.key, &consumer.name, id);
+            }
+            let message = GroupMessage {
+                entry: delivery.entry,
+                deliveries: delivery.deliveries,
+            };
+            if consumer.sender.try_send(message).is_ok() {
+                consumer.delivered.fetch_add(1, Ordering::Relaxed);
+            } else {
+                // Disconnected meanwhile: the entry stays pending for it and comes back later.
+                lock(&consumer.in_flight).remove(&id);
+            }
+        }
+        if at_least_once && !expired.is_empty() {
+            self.backend.ack(stream, group, &expired, false).await?;
+        }
+        Ok(())
+    }
+
+    /// Moves an entry to `{stream}:dlq` with where it came from, acknowledging it, atomically.
+    async fn dead_letter(
+        &self,
+        dispatch: &Dispatch,
+        delivery: &Delivery,
+    ) -> Result<(), BackendError> {
+        let (stream, group) = &dispatch.key;
+        let id = delivery.entry.id;
+        let mut fields = delivery.entry.fields.clone();
+        let extra: [(&str, String); 4] = [
+            ("original_id", id.to_string()),
+            ("stream", stream.to_string()),
+            ("group", group.to_string()),
+            ("deliveries", (delivery.deliveries - 1).to_string()),
+        ];
+        fields.extend(
+            extra
+                .into_iter()
+                .map(|(field, value)| (Bytes::from_static(field.as_bytes()), Bytes::from(value))),
+        );
+        let dead_letter_stream = stream.dead_letter();
+        self.backend
+            .dead_letter(stream, group, id, &dead_letter_stream, fields)
+            .await?;
+        tracing::warn!(%stream, %group, %id, deliveries = delivery.deliveries - 1, "moved to the dead-letter stream");
+        self.release(&dispatch.key, None, &[id], false);
+        Ok(())
+    }
+
+    /// Reads for consumers with credit until none has anything to do.
+    async fn serve(&self, dispatch: &Dispatch) -> Result<(), BackendError> {
+        let (stream, group) = &dispatch.key;
+        while let Some((consumer, work)) = dispatch.next_work() {
+            match work {
+                Work::Replay(after, count) => {
+                    let read = GroupRead {
+                        cursor: GroupCursor::PendingAfter(after),
+                        count,
+                        no_ack: false,
+                    };
+                    let batch = self
+                        .backend
+                        .read_group(stream, group, &consumer.name, read)
+                        .await?;
+                    let returned = batch.deliveries.len() + batch.deleted.len();
+                    let last = batch
+                        .deliveries
+                        .iter()
+                        .map(|d| d.entry.id)
+                        .chain(batch.deleted.iter().copied())
+                        .max();
+                    *lock(&consumer.replay_from) = last.filter(|_| returned >= count);
+                    if !batch.deleted.is_empty() {
+                        // Gone from the stream: nothing to deliver, nothing to wait for.
+                        self.backend
+                            .ack(stream, group, &batch.deleted, false)
+                            .await?;
+                    }
+                    self.deliver(dispatch, &consumer, batch.deliveries).await?;
+                }
+                Work::New(count) => {
+                    let read = GroupRead {
+                        cursor: GroupCursor::New,
+                        count,
+                        no_ack: consumer.mode == Mode::AtMostOnce,
+                    };
+                    let batch = self
+                        .backend
+                        .read_group(stream, group, &consumer.name, read)
+                        .await?;
+                    if batch.deliveries.len() < count {
+                        dispatch.state().drained = true;
+                    }
+                    self.deliver(dispatch, &consumer, batch.deliveries).await?;
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Claims entries idle for the visibility timeout, walking the whole pending list.
+    async fn claim(&self, dispatch: &Dispatch) -> Result<(), BackendError> {
+        let (stream, group) = &dispatch.key;
+        let mut cursor = EntryId::MIN;
+        while let Some(consumer) = dispatch.claimer() {
+            let count = consumer.credit().min(CLAIM_STEP);
+            let page = self
+                .backend
+                .claim_idle(
+                    stream,
+                    group,
+                    &consumer.name,
+                    self.settings.visibility_timeout,
+                    cursor,
+                    count,
+                )
+                .await?;
+            if !page.deleted.is_empty() {
+                self.release(&dispatch.key, None, &page.deleted, false);
+            }
+            for delivery in &page.claimed {
+                dispatch.release_elsewhere(delivery.entry.id, Some(&consumer.name));
+            }
+            self.deliver(dispatch, &consumer, page.claimed).await?;
+            match page.next_cursor {
+                Some(next) => cursor = next,
+                None => break,
+            }
+        }
+        self.reconcile(dispatch).await
+    }
+
+    /// Frees credit held by messages sent longer than a visibility timeout ago that the consumer
+    /// no longer owns (claimed by another instance, dead-lettered, acknowledged elsewhere).
+    async fn reconcile(&self, dispatch: &Dispatch) -> Result<(), BackendError> {
+        let (stream, group) = &dispatch.key;
+        let consumers = dispatch.state().consumers.clone();
+        for consumer in consumers {
+            let stale: Vec<EntryId> = lock(&consumer.in_flight)
+                .iter()
+                .filter(|(_, sent)| sent.elapsed() >= self.settings.visibility_timeout)
+                .map(|(id, _)| *id)
+                .collect();
+            let (Some(first), Some(last)) = (stale.iter().min(), stale.iter().max()) else {
+                continue;
+            };
+            let query = PendingQuery {
+                start: *first,
+                end: *last,
+                count: lock(&consumer.in_flight).len() + 1,
+                consumer: Some(consumer.name.clone()),
+                min_idle: None,
+            };
+            let owned: std::collections::HashSet<EntryId> = self
+                .backend
+                .pending(stream, group, query)
+                .await?
+                .into_iter()
+                .map(|entry| entry.id)
+                .collect();
+            let lost: Vec<EntryId> = stale.into_iter().filter(|id| !owned.contains(id)).collect();
+            if !lost.is_empty() {
+                self.release(&dispatch.key, Some(&consumer.name), &lost, false);
+            }
+        }
+        Ok(())
+    }
+
+    /// Removes consumers of the group that own nothing and have been idle for `cleanup_after`
+    /// (every connection with a generated name leaves one behind).
+    async fn clean_up(&self, dispatch: &Dispatch) -> Result<(), BackendError> {
+        let (stream, group) = &dispatch.key;
+        let local: Vec<ConsumerName> = dispatch
+            .state()
+            .consumers
+            .iter()
+            .map(|c| c.name.clone())
+            .collect();
+        for consumer in self.backend.consumers(stream, group).await? {
+            if consumer.pending == 0
+                && consumer.idle >= self.settings.cleanup_after
+                && !local.contains(&consumer.name)
+            {
+                self.backend
+                    .remove_idle_consumer(
+                        stream,
+                        group,
+                        &consumer.name,
+                        self.settings.cleanup_after,
+                    )
+                    .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Ends every subscription of a group that no longer exists.
+    fn close(&self, dispatch: &Arc<Dispatch>) {
+        let mut dispatches = lock(&self.dispatches);
+        if dispatches
+            .get(&dispatch.key)
+            .is_some_and(|live| Arc::ptr_eq(live, dispatch))
+        {
+            dispatches.remove(&dispatch.key);
+        }
+        // Dropping the consumers drops their senders, which ends their subscriptions.
+        dispatch.state().consumers.clear();
+        dispatch.stop.cancel();
+    }
+}
+
+/// The dispatcher of one group: serves, then waits for the stream to grow, credit to free up,
+/// or its claim timer.
+async fn run(shared: Weak<Shared>, dispatch: Arc<Dispatch>) {
+    let Some(strong) = shared.upgrade() else {
+        return;
+    };
+    let mut tail = strong.watcher.watch(&dispatch.key.0);
+    let settings = strong.settings.clone();
+    drop(strong);
+    let mut claim_timer = tokio::time::interval(settings.claim_interval());
+    claim_timer.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let cleanup_every =
+        (settings.cleanup_after.as_millis() / 4 / settings.claim_interval().as_millis().max(1))
+            .max(1);
+    let mut ticks: u128 = 0;
+    let mut failures = 0u32;
+    let mut claim = false;
+    loop {
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        tail.receiver.borrow_and_update();
+        let mut outcome = shared.serve(&dispatch).await;
+        if outcome.is_ok() && (claim || dispatch.claim_requested.swap(false, Ordering::Relaxed)) {
+            outcome = shared.claim(&dispatch).await;
+            ticks += 1;
+            if outcome.is_ok() && ticks % cleanup_every == 0 {
+                outcome = shared.clean_up(&dispatch).await;
+            }
+        }
+        claim = false;
+        match outcome {
+            Ok(()) => failures = 0,
+            Err(BackendError::GroupNotFound | BackendError::WrongType) => {
+                tracing::info!(stream = %dispatch.key.0, group = %dispatch.key.1, "the group is gone; ending its consumers");
+                shared.close(&dispatch);
+                return;
+            }
+            Err(error) => {
+                // Consumers stay connected; reading resumes when the backend answers again.
+                let delay = backoff_delay(failures);
+                failures = failures.saturating_add(1);
+                tracing::warn!(%error, ?delay, stream = %dispatch.key.0, group = %dispatch.key.1, "group dispatch failed");
+                drop(shared);
+                tokio::select! {
+                    _ = dispatch.stop.cancelled() => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                dispatch.state().drained = false;
+                continue;
+            }
+        }
+        drop(shared);
+        tokio::select! {
+            _ = dispatch.stop.cancelled() => return,
+            changed = tail.receiver.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                dispatch.state().drained = false;
+            }
+            _ = dispatch.wake.notified() => {}
+            _ = claim_timer.tick() => {
+                claim = true;
+                // A safety net: look for new entries too, whatever the watcher said.
+                dispatch.state().drained = false;
+            }
+        }
+    }
+}
+
+/// Drops delivery records of disconnected consumers once their messages are claimable by others.
+async fn prune_delivered(shared: Weak<Shared>, shutdown: CancellationToken) {
+    let mut timer = tokio::time::interval(Duration::from_secs(5));
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return,
+            _ = timer.tick() => {}
+        }
+        let Some(shared) = shared.upgrade() else {
+            return;
+        };
+        let horizon = shared.settings.visibility_timeout;
+        lock(&shared.delivered).retain(|_, records| {
+            records.retain(|record| record.orphaned_at.is_none_or(|at| at.elapsed() < horizon));
+            !records.is_empty()
+        });
+    }
+}

@@ -1,0 +1,298 @@
+//! Controlling consumer groups: flow-control limits and status (seed 000), finishing messages
+//! (seed 000's route by id and the explicit routes that work from any instance), nack and touch.
+
+use axum::extract::State;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use serde::{Deserialize, Serialize};
+
+use super::AppState;
+use super::auth::Caller;
+use super::error::ApiError;
+use super::extract::{ApiPath, LimitedBody, parse_json, stream_name};
+use crate::auth::Scope;
+use crate::delivery::groups::MAX_LIMIT;
+use crate::model::{ConsumerName, EntryId, GroupName, StreamName};
+
+pub fn router() -> Router<AppState> {
+    Router::new()
+        .route("/api/consumers/{stream}/{group}", get(status))
+        .route("/api/consumers/{stream}/{group}/limit", post(set_limit))
+        .route("/api/messages/{id}/finish", post(finish_delivered))
+        .route(
+            "/api/streams/{stream}/groups/{group}/consumers/{consumer}/messages/{id}/finish",
+            post(finish_one),
+        )
+        .route(
+            "/api/streams/{stream}/groups/{group}/consumers/{consumer}/finish",
+            post(finish_many),
+        )
+        .route(
+            "/api/streams/{stream}/groups/{group}/messages/{id}/nack",
+            post(nack),
+        )
+        .route(
+            "/api/streams/{stream}/groups/{group}/messages/{id}/touch",
+            post(touch),
+        )
+}
+
+#[derive(Deserialize)]
+struct GroupPath {
+    stream: String,
+    group: String,
+}
+
+#[derive(Deserialize)]
+struct MessagePath {
+    stream: String,
+    group: String,
+    id: String,
+}
+
+#[derive(Deserialize)]
+struct ConsumerMessagePath {
+    stream: String,
+    group: String,
+    consumer: String,
+    id: String,
+}
+
+#[derive(Deserialize)]
+struct ConsumerPath {
+    stream: String,
+    group: String,
+    consumer: String,
+}
+
+fn group_name(text: String) -> Result<GroupName, ApiError> {
+    GroupName::parse(text)
+        .map_err(|error| ApiError::BadRequest(format!("invalid group name: {error}")))
+}
+
+fn consumer_name(text: String) -> Result<ConsumerName, ApiError> {
+    ConsumerName::parse(text)
+        .map_err(|error| ApiError::BadRequest(format!("invalid consumer name: {error}")))
+}
+
+/// Parses a message id from a path. A malformed one names no pending message: 404, as
+/// rs-http-facade's own tests expect.
+fn message_id(text: &str) -> Result<EntryId, ApiError> {
+    text.parse().map_err(|_| not_pending(text))
+}
+
+fn not_pending(id: impl std::fmt::Display) -> ApiError {
+    ApiError::NotFound(format!("message {id} is not pending in this group"))
+}
+
+/// Parses the stream and group of a path and checks the caller may consume from the stream.
+fn target(
+    caller: &Caller,
+    stream: String,
+    group: String,
+) -> Result<(StreamName, GroupName), ApiError> {
+    let stream = stream_name(stream)?;
+    caller.require(Scope::Consume, &stream)?;
+    Ok((stream, group_name(group)?))
+}
+
+#[derive(Serialize)]
+struct Status {
+    stream: StreamName,
+    group: GroupName,
+    consumers: usize,
+    messages: u64,
+    finished: u64,
+}
+
+async fn status(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(path): ApiPath<GroupPath>,
+) -> Result<Json<Status>, ApiError> {
+    let (stream, group) = target(&caller, path.stream, path.group)?;
+    let status = state.groups.status(&stream, &group).ok_or_else(|| {
+        ApiError::NotFound(format!(
+            "no consumer of {stream}/{group} is connected to this instance"
+        ))
+    })?;
+    Ok(Json(Status {
+        stream,
+        group,
+        consumers: status.consumers,
+        messages: status.messages,
+        finished: status.finished,
+    }))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct LimitBody {
+    count: i64,
+}
+
+#[derive(Serialize)]
+struct LimitSet {
+    status: &'static str,
+    consumers: usize,
+}
+
+async fn set_limit(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(path): ApiPath<GroupPath>,
+    LimitedBody(body): LimitedBody,
+) -> Result<Json<LimitSet>, ApiError> {
+    let (stream, group) = target(&caller, path.stream, path.group)?;
+    let LimitBody { count } = parse_json(&body)?;
+    let limit = u32::try_from(count)
+        .ok()
+        .filter(|limit| (1..=MAX_LIMIT).contains(limit))
+        .ok_or_else(|| ApiError::BadRequest(format!("count must be between 1 and {MAX_LIMIT}")))?;
+    let consumers = state.groups.set_limit(&stream, &group, limit);
+    Ok(Json(LimitSet {
+        status: "ok",
+        consumers,
+    }))
+}
+
+#[derive(Serialize)]
+struct Done {
+    status: &'static str,
+    action: &'static str,
+}
+
+const FINISHED: Done = Done {
+    status: "ok",
+    action: "finished",
+};
+
+/// Seed 000's finish: the id alone, resolved through this instance's record of deliveries.
+async fn finish_delivered(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(id): ApiPath<String>,
+) -> Result<Json<Done>, ApiError> {
+    let id = message_id(&id)?;
+    let targets = state.groups.delivery_targets(id);
+    if targets.is_empty() {
+        return Err(ApiError::NotFound(format!(
+            "message {id} was not delivered by this instance"
+        )));
+    }
+    for (stream, _, _) in &targets {
+        caller.require(Scope::Consume, stream)?;
+    }
+    let mut acked = 0;
+    for (stream, group, consumer) in targets {
+        acked += state
+            .groups
+            .finish(&stream, &group, Some(&consumer), &[id])
+            .await?;
+    }
+    if acked == 0 {
+        return Err(not_pending(id));
+    }
+    Ok(Json(FINISHED))
+}
+
+async fn finish_one(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(path): ApiPath<ConsumerMessagePath>,
+) -> Result<Json<Done>, ApiError> {
+    let (stream, group) = target(&caller, path.stream, path.group)?;
+    let consumer = consumer_name(path.consumer)?;
+    let id = message_id(&path.id)?;
+    match state
+        .groups
+        .finish(&stream, &group, Some(&consumer), &[id])
+        .await?
+    {
+        0 => Err(not_pending(id)),
+        _ => Ok(Json(FINISHED)),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FinishMany {
+    message_ids: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct FinishedMany {
+    status: &'static str,
+    action: &'static str,
+    /// Ids in the request.
+    received: usize,
+    /// Of those, how many were pending and are now finished.
+    acked: u64,
+    /// Well-formed ids that were not pending (unknown or already finished).
+    not_pending: u64,
+    /// Ids that are not entry ids at all.
+    invalid: usize,
+}
+
+async fn finish_many(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(path): ApiPath<ConsumerPath>,
+    LimitedBody(body): LimitedBody,
+) -> Result<Json<FinishedMany>, ApiError> {
+    let (stream, group) = target(&caller, path.stream, path.group)?;
+    let consumer = consumer_name(path.consumer)?;
+    let FinishMany { message_ids } = parse_json(&body)?;
+    let received = message_ids.len();
+    let mut ids: Vec<EntryId> = message_ids
+        .iter()
+        .filter_map(|id| id.parse().ok())
+        .collect();
+    let invalid = received - ids.len();
+    ids.sort();
+    ids.dedup();
+    let acked = state
+        .groups
+        .finish(&stream, &group, Some(&consumer), &ids)
+        .await?;
+    Ok(Json(FinishedMany {
+        status: "ok",
+        action: "finished",
+        received,
+        acked,
+        not_pending: ids.len() as u64 - acked,
+        invalid,
+    }))
+}
+
+async fn nack(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(path): ApiPath<MessagePath>,
+) -> Result<Json<Done>, ApiError> {
+    let (stream, group) = target(&caller, path.stream, path.group)?;
+    let id = message_id(&path.id)?;
+    if !state.groups.nack(&stream, &group, id).await? {
+        return Err(not_pending(id));
+    }
+    Ok(Json(Done {
+        status: "ok",
+        action: "nacked",
+    }))
+}
+
+async fn touch(
+    State(state): State<AppState>,
+    caller: Caller,
+    ApiPath(path): ApiPath<MessagePath>,
+) -> Result<Json<Done>, ApiError> {
+    let (stream, group) = target(&caller, path.stream, path.group)?;
+    let id = message_id(&path.id)?;
+    if !state.groups.touch(&stream, &group, id).await? {
+        return Err(not_pending(id));
+    }
+    Ok(Json(Done {
+        status: "ok",
+        action: "touched",
+    }))
+}

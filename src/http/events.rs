@@ -1,0 +1,123 @@
+//! `GET /api/events`: Server-Sent Events for consumer groups (`group=`): each connection is one
+//! consumer of the group, receiving messages up to its `limit` in flight until it finishes them.
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{HeaderName, HeaderValue};
+use axum::response::Response;
+use axum::routing::get;
+use bytes::Bytes;
+
+use super::AppState;
+use super::auth::Caller;
+use super::error::ApiError;
+use super::extract::{QueryPairs, stream_name};
+use super::groups::parse_start;
+use super::sse::{self, json_string};
+use crate::auth::Scope;
+use crate::backend::GroupStart;
+use crate::delivery::groups::{
+    ConnectError, ConsumerSpec, GroupMessage, MAX_LIMIT, Mode, Subscription,
+};
+use crate::model::{ConsumerName, EntryId, GroupName};
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/api/events", get(events))
+}
+
+async fn events(
+    State(state): State<AppState>,
+    caller: Caller,
+    query: QueryPairs,
+) -> Result<Response, ApiError> {
+    let stream = stream_name(
+        query
+            .one("stream")?
+            .ok_or_else(|| ApiError::BadRequest("`stream` is required".into()))?,
+    )?;
+    caller.require(Scope::Consume, &stream)?;
+    let Some(group) = query.one("group")? else {
+        return Err(ApiError::BadRequest("`group` is required".into()));
+    };
+    let group = GroupName::parse(group)
+        .map_err(|error| ApiError::BadRequest(format!("invalid group name: {error}")))?;
+    let consumer = query
+        .one("consumer")?
+        .map(|name| {
+            ConsumerName::parse(name)
+                .map_err(|error| ApiError::BadRequest(format!("invalid consumer name: {error}")))
+        })
+        .transpose()?;
+    let limit = query.parsed("limit", |text| {
+        text.parse::<u32>()
+            .ok()
+            .filter(|limit| (1..=MAX_LIMIT).contains(limit))
+    })?;
+    let start = query
+        .parsed("from", parse_start)?
+        .unwrap_or(GroupStart::After(EntryId::MIN));
+    let mode = query.parsed("mode", |text| match text {
+        "at-least-once" => Some(Mode::AtLeastOnce),
+        "at-most-once" => Some(Mode::AtMostOnce),
+        _ => None,
+    })?;
+    let spec = ConsumerSpec {
+        stream,
+        group,
+        consumer,
+        limit,
+        start,
+        mode: mode.unwrap_or(Mode::AtLeastOnce),
+    };
+    let permit = state.streaming_permit()?;
+    let subscription = state
+        .groups
+        .connect(spec)
+        .await
+        .map_err(|error| match error {
+            ConnectError::Duplicate(name) => ApiError::Conflict(format!(
+                "consumer `{name}` is already connected to this group on this instance"
+            )),
+            ConnectError::Backend(error) => error.into(),
+        })?;
+    let consumer_header = HeaderValue::from_str(subscription.consumer.as_str())
+        .map_err(|_| ApiError::BadRequest("the consumer name cannot be sent in a header".into()))?;
+    let connection = state.connections.open_sse();
+    let frames = futures_util::stream::unfold(
+        (subscription, permit, connection),
+        |(mut subscription, permit, connection)| async move {
+            let message = subscription.next().await?;
+            Some((
+                message_frame(&subscription, &message),
+                (subscription, permit, connection),
+            ))
+        },
+    );
+    Ok(sse::response(
+        frames,
+        state.config.sse_keepalive_interval_sec,
+        state.shutdown.clone(),
+        vec![(HeaderName::from_static("x-consumer"), consumer_header)],
+    ))
+}
+
+/// `id: …` and `data: {"id","body","stream","group","consumer","deliveries"}`.
+fn message_frame(subscription: &Subscription, message: &GroupMessage) -> Bytes {
+    let id = message.entry.id.to_string();
+    let body = message.entry.body_json();
+    let mut data = Vec::with_capacity(body.len() + 160);
+    data.extend_from_slice(b"{\"id\":\"");
+    data.extend_from_slice(id.as_bytes());
+    data.extend_from_slice(b"\",\"body\":");
+    data.extend_from_slice(&body);
+    data.extend_from_slice(b",\"stream\":");
+    data.extend_from_slice(json_string(subscription.stream.as_str()).as_bytes());
+    data.extend_from_slice(b",\"group\":");
+    data.extend_from_slice(json_string(subscription.group.as_str()).as_bytes());
+    data.extend_from_slice(b",\"consumer\":");
+    data.extend_from_slice(json_string(subscription.consumer.as_str()).as_bytes());
+    data.extend_from_slice(b",\"deliveries\":");
+    data.extend_from_slice(message.deliveries.to_string().as_bytes());
+    data.push(b'}');
+    sse::frame(None, Some(&id), &data)
+}
