@@ -11,9 +11,10 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::AnyBackend;
 use crate::backend::embedded::EmbeddedBackend;
 use crate::backend::redis::RedisBackend;
+use crate::bridge;
 use crate::config::{BackendKind, Config};
-use crate::delivery::groups::{GroupSettings, Groups};
-use crate::delivery::watcher::Watcher;
+use crate::delivery::Delivery;
+use crate::delivery::groups::GroupSettings;
 use crate::http::{self, AppState};
 
 /// Runs streamgate on an already-bound listener until `shutdown` is cancelled.
@@ -32,21 +33,22 @@ pub async fn run(
         .context("reading the listen address")?;
     print_banner(&config, &backend, local_address);
 
-    let watcher = Watcher::start(backend.clone(), shutdown.clone());
-    let groups = Groups::start(
-        backend.clone(),
-        watcher,
-        group_settings(&config),
-        shutdown.clone(),
-    );
-    let state = AppState::new(backend, groups, config.clone(), shutdown.clone());
+    if let (false, Some(redis)) = (config.pubsub.patterns.is_empty(), &config.redis) {
+        bridge::start(&redis.options.url, config.pubsub.clone(), shutdown.clone())
+            .context("starting the Pub/Sub bridge")?;
+    }
+    let delivery = Delivery::start(backend.clone(), group_settings(&config), shutdown.clone());
+    let state = AppState::new(backend, delivery, config.clone(), shutdown.clone());
     let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();
     let server =
         axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let mut server = tokio::spawn(server.into_future());
     tokio::select! {
-        result = &mut server => return result.context("the server task failed")?.context("serving HTTP"),
+        // Checked first: the server also ends on cancellation, and that is a shutdown, not a
+        // failure.
+        biased;
         _ = shutdown.cancelled() => {}
+        result = &mut server => return result.context("the server task failed")?.context("serving HTTP"),
     }
     tracing::info!(deadline = ?config.shutdown_timeout, "shutting down: draining connections");
     match tokio::time::timeout(config.shutdown_timeout, server).await {

@@ -7,12 +7,14 @@
 //! - [`auth`]: scopes, tokens and principals, independent of any transport.
 //! - [`backend`]: the storage contract and its Redis and embedded implementations.
 //! - [`delivery`]: consumer groups and broadcast, transport-agnostic.
+//! - [`bridge`]: Redis Pub/Sub channels appended to streams.
 //! - [`http`]: routes, extraction, errors as problem+json; the only layer that knows HTTP.
 //! - [`app`]: wires it together and runs the server until shutdown.
 
 pub mod app;
 pub mod auth;
 pub mod backend;
+pub mod bridge;
 pub mod config;
 pub mod delivery;
 pub mod http;

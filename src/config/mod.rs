@@ -421,6 +421,12 @@ fn read(r: &mut Reader) -> Option<Config> {
         max_len: r.unsigned("pubsub.max_len", 1).unwrap_or(100),
         idle_ttl: positive(r, "pubsub.idle_ttl").unwrap_or(Duration::from_secs(3600)),
     };
+    if !pubsub.patterns.is_empty() && backend == BackendKind::Embedded {
+        r.error(
+            "pubsub.patterns",
+            "the Pub/Sub bridge reads Redis Pub/Sub: it needs the Redis backend (set redis.url)",
+        );
+    }
     let broadcast = BroadcastConfig {
         channel_prefix: prefix(r, "broadcast.channel_prefix"),
     };

@@ -1,8 +1,59 @@
 //! Delivery: turning stored entries into messages for connected clients, whatever the
 //! transport. Consumer groups (competing consumers, acknowledged) live in [`groups`]; the stream
-//! watcher that wakes them in [`watcher`].
+//! watcher that wakes them in [`watcher`]; broadcast (every subscriber sees every message) in
+//! [`hub`], with multi-stream resume positions in [`cursor`].
 //!
 //! Knows the backend and the model; knows nothing about HTTP, SSE framing or WebSocket frames.
 
+pub mod cursor;
 pub mod groups;
+pub mod hub;
 pub mod watcher;
+
+use tokio_util::sync::CancellationToken;
+
+use self::groups::{GroupSettings, Groups};
+use self::hub::Hub;
+use self::watcher::Watcher;
+use crate::backend::{AnyBackend, Backend, BackendError, Direction, RangeQuery};
+use crate::model::{EntryId, StreamName};
+
+/// The delivery services of one instance.
+pub struct Delivery {
+    pub groups: Groups,
+    pub hub: Hub,
+}
+
+impl Delivery {
+    /// Starts the stream watcher, the group dispatch and the broadcast hub; they run until
+    /// `shutdown`.
+    pub fn start(
+        backend: AnyBackend,
+        settings: GroupSettings,
+        shutdown: CancellationToken,
+    ) -> Delivery {
+        let watcher = Watcher::start(backend.clone(), shutdown.clone());
+        Delivery {
+            groups: Groups::start(backend.clone(), watcher, settings, shutdown.clone()),
+            hub: Hub::start(backend, shutdown),
+        }
+    }
+}
+
+/// The newest entry id of a stream (`0-0` for an empty or missing one).
+pub(crate) async fn newest_id(
+    backend: &AnyBackend,
+    stream: &StreamName,
+) -> Result<EntryId, BackendError> {
+    let query = RangeQuery {
+        start: EntryId::MIN,
+        end: EntryId::MAX,
+        count: 1,
+        direction: Direction::Backward,
+    };
+    match backend.range(stream, query).await {
+        Ok(entries) => Ok(entries.first().map_or(EntryId::MIN, |entry| entry.id)),
+        Err(BackendError::StreamNotFound | BackendError::WrongType) => Ok(EntryId::MIN),
+        Err(error) => Err(error),
+    }
+}

@@ -14,7 +14,8 @@ use std::time::Duration;
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
-use crate::backend::{AnyBackend, Backend, BackendError, Direction, RangeQuery, backoff_delay};
+use super::newest_id;
+use crate::backend::{AnyBackend, Backend, BackendError, backoff_delay};
 use crate::model::{EntryId, StreamName};
 
 /// How long one blocking read waits before it is issued again.
@@ -103,21 +104,6 @@ impl Watcher {
             stream: stream.clone(),
             shared: Arc::downgrade(&self.shared),
         }
-    }
-}
-
-/// The newest entry id of a stream (`0-0` for an empty or missing one).
-async fn newest_id(backend: &AnyBackend, stream: &StreamName) -> Result<EntryId, BackendError> {
-    let query = RangeQuery {
-        start: EntryId::MIN,
-        end: EntryId::MAX,
-        count: 1,
-        direction: Direction::Backward,
-    };
-    match backend.range(stream, query).await {
-        Ok(entries) => Ok(entries.first().map_or(EntryId::MIN, |entry| entry.id)),
-        Err(BackendError::StreamNotFound | BackendError::WrongType) => Ok(EntryId::MIN),
-        Err(error) => Err(error),
     }
 }
 

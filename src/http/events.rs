@@ -1,15 +1,17 @@
-//! `GET /api/events`: Server-Sent Events for consumer groups (`group=`): each connection is one
-//! consumer of the group, receiving messages up to its `limit` in flight until it finishes them.
+//! `GET /api/events`: Server-Sent Events. With `group=` each connection is one consumer of the
+//! group, receiving messages up to its `limit` in flight until it finishes them; without it, a
+//! broadcast subscription (see [`super::broadcast`]).
 
 use axum::Router;
 use axum::extract::State;
-use axum::http::{HeaderName, HeaderValue};
+use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::response::Response;
 use axum::routing::get;
 use bytes::Bytes;
 
 use super::AppState;
 use super::auth::Caller;
+use super::broadcast;
 use super::error::ApiError;
 use super::extract::{QueryPairs, stream_name};
 use super::groups::parse_start;
@@ -28,17 +30,20 @@ pub fn router() -> Router<AppState> {
 async fn events(
     State(state): State<AppState>,
     caller: Caller,
+    headers: HeaderMap,
     query: QueryPairs,
 ) -> Result<Response, ApiError> {
+    let Some(group) = query.one("group")? else {
+        // Without a group every subscriber sees every message.
+        let streams = broadcast::requested_streams(&query)?;
+        return broadcast::serve(state, caller, streams, &headers, &query).await;
+    };
     let stream = stream_name(
         query
             .one("stream")?
             .ok_or_else(|| ApiError::BadRequest("`stream` is required".into()))?,
     )?;
     caller.require(Scope::Consume, &stream)?;
-    let Some(group) = query.one("group")? else {
-        return Err(ApiError::BadRequest("`group` is required".into()));
-    };
     let group = GroupName::parse(group)
         .map_err(|error| ApiError::BadRequest(format!("invalid group name: {error}")))?;
     let consumer = query
@@ -83,21 +88,16 @@ async fn events(
     let consumer_header = HeaderValue::from_str(subscription.consumer.as_str())
         .map_err(|_| ApiError::BadRequest("the consumer name cannot be sent in a header".into()))?;
     let connection = state.connections.open_sse();
-    let frames = futures_util::stream::unfold(
-        (subscription, permit, connection),
-        |(mut subscription, permit, connection)| async move {
-            let message = subscription.next().await?;
-            Some((
-                message_frame(&subscription, &message),
-                (subscription, permit, connection),
-            ))
-        },
-    );
+    let frames = futures_util::stream::unfold(subscription, |mut subscription| async move {
+        let message = subscription.next().await?;
+        Some((message_frame(&subscription, &message), subscription))
+    });
     Ok(sse::response(
         frames,
         state.config.sse_keepalive_interval_sec,
         state.shutdown.clone(),
         vec![(HeaderName::from_static("x-consumer"), consumer_header)],
+        (permit, connection),
     ))
 }
 

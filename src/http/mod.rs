@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod broadcast;
 pub mod consumers;
 pub mod error;
 pub mod events;
@@ -31,7 +32,9 @@ use self::error::{ApiError, CORRELATION_ID};
 use crate::auth::Authenticator;
 use crate::backend::AnyBackend;
 use crate::config::Config;
+use crate::delivery::Delivery;
 use crate::delivery::groups::Groups;
+use crate::delivery::hub::Hub;
 
 /// Everything handlers share. Cheap to clone.
 #[derive(Clone)]
@@ -40,6 +43,7 @@ pub struct AppState {
     pub config: Arc<Config>,
     pub authenticator: Arc<Authenticator>,
     pub groups: Groups,
+    pub hub: Hub,
     pub connections: Arc<ConnectionCounts>,
     /// One permit per streaming connection (`limits.max_connections`).
     pub streaming_permits: Arc<Semaphore>,
@@ -51,10 +55,11 @@ pub struct AppState {
 impl AppState {
     pub fn new(
         backend: AnyBackend,
-        groups: Groups,
+        delivery: Delivery,
         config: Arc<Config>,
         shutdown: CancellationToken,
     ) -> AppState {
+        let Delivery { groups, hub } = delivery;
         let authenticator = Authenticator::new(
             config.bearer_token.as_ref().map(|token| token.expose()),
             &config.tokens,
@@ -63,6 +68,7 @@ impl AppState {
             backend,
             authenticator: Arc::new(authenticator),
             groups,
+            hub,
             connections: Arc::new(ConnectionCounts::default()),
             streaming_permits: Arc::new(Semaphore::new(config.limits.max_connections)),
             config,
@@ -143,6 +149,7 @@ pub fn router(state: AppState) -> Router {
     // Browsers' EventSource and WebSocket cannot set headers: these accept `?token=` too.
     let streaming = Router::new()
         .merge(events::router())
+        .merge(broadcast::router())
         .layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_header_or_query_token,

@@ -53,18 +53,21 @@ pub fn json_string(text: &str) -> String {
 
 /// An SSE response over `events`, with keep-alive comments every `keepalive` (if set), ending
 /// when `events` ends or `shutdown` is cancelled. The first bytes go out at once, so clients see
-/// the headers without waiting for a message.
-pub fn response(
+/// the headers without waiting for a message. `guard` (a connection permit, a counter) lives as
+/// long as the response body.
+pub fn response<G: Send + 'static>(
     events: impl Stream<Item = Bytes> + Send + 'static,
     keepalive: Option<Duration>,
     shutdown: CancellationToken,
     extra_headers: Vec<(HeaderName, HeaderValue)>,
+    guard: G,
 ) -> Response {
-    struct State<S> {
+    struct State<S, G> {
         events: std::pin::Pin<Box<S>>,
         keepalive: Option<tokio::time::Interval>,
         shutdown: CancellationToken,
         started: bool,
+        _guard: G,
     }
     let keepalive = keepalive.map(|period| {
         let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
@@ -76,11 +79,13 @@ pub fn response(
         keepalive,
         shutdown,
         started: false,
+        _guard: guard,
     };
     let body = futures_util::stream::unfold(state, |mut state| async move {
         if !state.started {
             state.started = true;
-            return Some((Bytes::from_static(b": connected\n\n"), state));
+            // `retry:` asks browsers to reconnect after one second (their default is three).
+            return Some((Bytes::from_static(b": connected\nretry: 1000\n\n"), state));
         }
         let next = tokio::select! {
             biased;

@@ -34,6 +34,7 @@ macro_rules! on_each_backend {
 
 mod admin;
 mod auth;
+mod broadcast;
 mod cli;
 mod conformance;
 mod groups;

@@ -16,6 +16,9 @@ use streamgate::config::{Config, Flags, Sources};
 
 pub use self::redis_server::RedisServer;
 
+/// Longest a plain (not streaming) test request may take: a hang is a failure, not a stuck run.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// The token every in-process test app accepts.
 pub const TOKEN: &str = "test-token-0123456789";
 
@@ -23,6 +26,8 @@ pub const TOKEN: &str = "test-token-0123456789";
 pub enum Backend {
     Embedded,
     Redis(RedisServer),
+    /// A redis-server another test app owns (`redis://host:port`).
+    RedisAt(String),
 }
 
 /// A running streamgate (in this process) and the backend it uses.
@@ -66,6 +71,10 @@ impl TestApp {
     pub async fn spawn(backend: Backend, extra_toml: &str) -> TestApp {
         let (backend_toml, redis) = match backend {
             Backend::Embedded => ("backend = \"embedded\"\n".to_owned(), None),
+            Backend::RedisAt(url) => {
+                let address = url.trim_start_matches("redis://").to_owned();
+                (format!("redis_address = \"{address}\"\n"), None)
+            }
 
             Backend::Redis(redis) => (
                 format!("redis_address = \"{}\"\n", redis.address()),
@@ -122,11 +131,16 @@ impl TestApp {
     }
 
     pub async fn get(&self, path: &str) -> Response {
-        self.request(Method::GET, path).send().await.expect("GET")
+        self.request(Method::GET, path)
+            .timeout(REQUEST_TIMEOUT)
+            .send()
+            .await
+            .expect("GET")
     }
 
     pub async fn post_json(&self, path: &str, body: &Value) -> Response {
         self.request(Method::POST, path)
+            .timeout(REQUEST_TIMEOUT)
             .json(body)
             .send()
             .await
@@ -136,6 +150,7 @@ impl TestApp {
     /// POSTs a body exactly as given (for byte-exact and malformed-input tests).
     pub async fn post_raw(&self, path: &str, body: impl Into<reqwest::Body>) -> Response {
         self.request(Method::POST, path)
+            .timeout(REQUEST_TIMEOUT)
             .header("content-type", "application/json")
             .body(body)
             .send()

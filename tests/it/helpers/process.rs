@@ -50,17 +50,21 @@ pub struct Process {
     child: Child,
     stdout: Arc<Mutex<Vec<String>>>,
     stderr: Arc<Mutex<Vec<String>>>,
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
-fn collect(stream: impl Read + Send + 'static) -> Arc<Mutex<Vec<String>>> {
+/// Collects a stream's lines on a thread; the handle finishes at end of file.
+fn collect(
+    stream: impl Read + Send + 'static,
+) -> (Arc<Mutex<Vec<String>>>, std::thread::JoinHandle<()>) {
     let lines = Arc::new(Mutex::new(Vec::new()));
     let sink = lines.clone();
-    std::thread::spawn(move || {
+    let reader = std::thread::spawn(move || {
         for line in BufReader::new(stream).lines().map_while(Result::ok) {
             sink.lock().unwrap().push(line);
         }
     });
-    lines
+    (lines, reader)
 }
 
 impl Process {
@@ -71,12 +75,13 @@ impl Process {
             .stderr(Stdio::piped())
             .spawn()
             .expect("spawn streamgate");
-        let stdout = collect(child.stdout.take().expect("stdout"));
-        let stderr = collect(child.stderr.take().expect("stderr"));
+        let (stdout, stdout_reader) = collect(child.stdout.take().expect("stdout"));
+        let (stderr, stderr_reader) = collect(child.stderr.take().expect("stderr"));
         Process {
             child,
             stdout,
             stderr,
+            readers: vec![stdout_reader, stderr_reader],
         }
     }
 
@@ -133,8 +138,10 @@ impl Process {
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if let Some(status) = self.child.try_wait().expect("wait") {
-                // Let the reader threads take the last lines.
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                // Every line the process wrote is collected once its pipes reach end of file.
+                for reader in self.readers.drain(..) {
+                    let _ = tokio::task::spawn_blocking(move || reader.join()).await;
+                }
                 return Some(status);
             }
             tokio::time::sleep(Duration::from_millis(20)).await;

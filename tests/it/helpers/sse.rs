@@ -36,10 +36,10 @@ pub struct SseClient {
 impl SseClient {
     /// Opens the stream; the response's status and headers are available at once.
     pub async fn open(request: reqwest::RequestBuilder) -> SseClient {
-        let response = request
-            .header("accept", "text/event-stream")
-            .send()
+        let sent = request.header("accept", "text/event-stream").send();
+        let response = tokio::time::timeout(Duration::from_secs(15), sent)
             .await
+            .expect("no SSE response headers within 15 s")
             .expect("SSE request");
         SseClient {
             status: response.status().as_u16(),
