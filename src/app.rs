@@ -15,6 +15,7 @@ use crate::bridge;
 use crate::config::{BackendKind, Config};
 use crate::delivery::Delivery;
 use crate::delivery::groups::GroupSettings;
+use crate::http::serve::serve;
 use crate::http::{self, AppState};
 
 /// Runs streamgate on an already-bound listener until `shutdown` is cancelled.
@@ -39,24 +40,16 @@ pub async fn run(
     }
     let delivery = Delivery::start(backend.clone(), group_settings(&config), shutdown.clone());
     let state = AppState::new(backend, delivery, config.clone(), shutdown.clone());
-    let app = http::router(state).into_make_service_with_connect_info::<SocketAddr>();
-    let server =
-        axum::serve(listener, app).with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    let mut server = tokio::spawn(server.into_future());
-    tokio::select! {
-        // Checked first: the server also ends on cancellation, and that is a shutdown, not a
-        // failure.
-        biased;
-        _ = shutdown.cancelled() => {}
-        result = &mut server => return result.context("the server task failed")?.context("serving HTTP"),
-    }
+    let router = http::router(state);
+    let serving = tokio::spawn(serve(
+        listener,
+        router,
+        shutdown.clone(),
+        config.shutdown_timeout,
+    ));
+    shutdown.cancelled().await;
     tracing::info!(deadline = ?config.shutdown_timeout, "shutting down: draining connections");
-    match tokio::time::timeout(config.shutdown_timeout, server).await {
-        Ok(result) => result
-            .context("the server task failed")?
-            .context("serving HTTP")?,
-        Err(_) => tracing::warn!("drain deadline passed; closing the remaining connections"),
-    }
+    serving.await.context("the server task failed")?;
     tracing::info!("stopped");
     Ok(())
 }

@@ -19,6 +19,44 @@ const PREFIX: &str = "c1.";
 #[error("`{0}` is not a stream cursor from this server")]
 pub struct CursorError(pub String);
 
+/// Where each of several streams is, as a subscription advances.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Positions(Vec<(StreamName, EntryId)>);
+
+impl Positions {
+    pub fn new(positions: Vec<(StreamName, EntryId)>) -> Positions {
+        Positions(positions)
+    }
+
+    /// Records that `stream` has delivered up to `id`.
+    pub fn advance(&mut self, stream: &StreamName, id: EntryId) {
+        if let Some((_, position)) = self.0.iter_mut().find(|(name, _)| name == stream) {
+            *position = id;
+        }
+    }
+
+    /// The stream at `index`.
+    pub fn stream(&self, index: usize) -> &StreamName {
+        &self.0[index].0
+    }
+
+    /// Records that the stream at `index` has delivered up to `id`.
+    pub fn advance_at(&mut self, index: usize, id: EntryId) {
+        self.0[index].1 = id;
+    }
+
+    /// The token for these positions.
+    pub fn encode(&self) -> String {
+        encode(
+            &self
+                .0
+                .iter()
+                .map(|(stream, id)| (stream, *id))
+                .collect::<Vec<_>>(),
+        )
+    }
+}
+
 /// The token for these positions.
 pub fn encode(positions: &[(&StreamName, EntryId)]) -> String {
     let map: BTreeMap<&str, String> = positions

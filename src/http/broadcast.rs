@@ -252,10 +252,12 @@ fn single_stream_frame(event: &HubEvent, stream: &StreamName) -> Bytes {
 fn multi_stream_frames(
     subscriptions: Vec<Subscription>,
 ) -> impl futures_util::Stream<Item = Bytes> + Send {
-    let mut positions: Vec<(StreamName, EntryId)> = subscriptions
-        .iter()
-        .map(|subscription| (subscription.stream().clone(), subscription.position()))
-        .collect();
+    let mut positions = cursor::Positions::new(
+        subscriptions
+            .iter()
+            .map(|subscription| (subscription.stream().clone(), subscription.position()))
+            .collect(),
+    );
     let merged = futures_util::stream::select_all(subscriptions.into_iter().enumerate().map(
         |(index, subscription)| {
             futures_util::stream::unfold(subscription, move |mut subscription| async move {
@@ -267,13 +269,8 @@ fn multi_stream_frames(
     ));
     merged.map(move |(index, event)| match event {
         HubEvent::Message(frame) => {
-            positions[index].1 = frame.id();
-            let token = cursor::encode(
-                &positions
-                    .iter()
-                    .map(|(stream, id)| (stream, *id))
-                    .collect::<Vec<_>>(),
-            );
+            positions.advance_at(index, frame.id());
+            let token = positions.encode();
             let data = frame.encoded(SLOT_SSE_DATA, |frame| {
                 sse::frame(None, None, &message_json(frame))
             });
@@ -287,6 +284,6 @@ fn multi_stream_frames(
         HubEvent::Gap {
             requested,
             resumed_from,
-        } => gap_frame(&positions[index].0, requested, resumed_from),
+        } => gap_frame(positions.stream(index), requested, resumed_from),
     })
 }

@@ -11,8 +11,12 @@ pub mod events;
 pub mod extract;
 pub mod groups;
 pub mod health;
+pub mod message_id;
+pub mod poll;
 pub mod produce;
+pub mod serve;
 pub mod sse;
+pub mod ws;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -117,6 +121,16 @@ impl ConnectionCounts {
         self.open(|counts| &counts.sse)
     }
 
+    /// Counts a WebSocket while the returned guard lives.
+    pub fn open_websocket(self: &Arc<Self>) -> OpenConnection {
+        self.open(|counts| &counts.websocket)
+    }
+
+    /// Counts a waiting long-poll while the returned guard lives.
+    pub fn open_long_poll(self: &Arc<Self>) -> OpenConnection {
+        self.open(|counts| &counts.long_poll)
+    }
+
     fn open(self: &Arc<Self>, transport: fn(&ConnectionCounts) -> &AtomicU64) -> OpenConnection {
         transport(self).fetch_add(1, Ordering::Relaxed);
         OpenConnection {
@@ -142,6 +156,7 @@ pub fn router(state: AppState) -> Router {
         .merge(admin::router())
         .merge(consumers::router())
         .merge(groups::router())
+        .merge(poll::ack_router())
         .layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_header_token,
@@ -150,6 +165,8 @@ pub fn router(state: AppState) -> Router {
     let streaming = Router::new()
         .merge(events::router())
         .merge(broadcast::router())
+        .merge(poll::polling_router())
+        .merge(ws::router())
         .layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_header_or_query_token,

@@ -16,6 +16,7 @@ use super::AppState;
 use super::auth::Caller;
 use super::error::ApiError;
 use super::extract::{LimitedBody, StreamPath, parse_json, stream_name};
+use super::message_id::MessageRef;
 use crate::auth::Scope;
 use crate::backend::{AppendOutcome, AppendRequest, Backend, IdempotencyKey, Retention};
 use crate::config::IDEMPOTENCY_TTL;
@@ -86,7 +87,7 @@ struct PublishedBatch<'a> {
 
 #[derive(Serialize)]
 struct PublishedV1<'a> {
-    message_id: EntryId,
+    message_id: String,
     topic: &'a StreamName,
 }
 
@@ -153,18 +154,52 @@ async fn publish_v1(
     LimitedBody(body): LimitedBody,
 ) -> Result<Response, ApiError> {
     let request: V1Message = parse_json(&body)?;
-    let topic = publishable(stream_name(request.topic)?)?;
-    caller.require(Scope::Publish, &topic)?;
-    let entry = new_entry(&state, &body, request.payload, request.ttl, None)?;
-    let retention = retention(&state, &topic, None)?;
     // The same namespace as the single route: both append one message to one stream.
     let idempotency = idempotency_key(&headers, "single")?;
-    let outcome = append(&state, &topic, vec![entry], retention, idempotency).await?;
+    let (topic, outcome) = publish_one(
+        &state,
+        &caller,
+        request.topic,
+        &body,
+        request.payload,
+        request.ttl,
+        idempotency,
+    )
+    .await?;
     let reply = PublishedV1 {
-        message_id: first_id(&outcome)?,
+        message_id: v1_message_id(&topic, first_id(&outcome)?),
         topic: &topic,
     };
     Ok(created(&reply, outcome.replayed))
+}
+
+/// Publishes one message to a topic, checked as every publish is: the v1 route and WebSocket
+/// `publish` share it. `payload` must borrow from `body`.
+pub(super) async fn publish_one(
+    state: &AppState,
+    caller: &Caller,
+    topic: String,
+    body: &Bytes,
+    payload: &RawValue,
+    ttl: Option<u64>,
+    idempotency: Option<IdempotencyKey>,
+) -> Result<(StreamName, AppendOutcome), ApiError> {
+    let topic = publishable(stream_name(topic)?)?;
+    caller.require(Scope::Publish, &topic)?;
+    let entry = new_entry(state, body, payload, ttl, None)?;
+    let retention = retention(state, &topic, None)?;
+    let outcome = append(state, &topic, vec![entry], retention, idempotency).await?;
+    Ok((topic, outcome))
+}
+
+/// A published message's `message_id` in seed 004's API: the opaque token, without a group.
+pub(super) fn v1_message_id(topic: &StreamName, id: EntryId) -> String {
+    MessageRef {
+        stream: topic.clone(),
+        group: None,
+        id,
+    }
+    .encode()
 }
 
 /// Messages for several topics: each topic's messages are appended together, topics one after
@@ -205,8 +240,8 @@ async fn publish_v1_bulk(
     let results = topic_of
         .iter()
         .zip(ids)
-        .map(|(&position, message_id)| PublishedV1 {
-            message_id,
+        .map(|(&position, id)| PublishedV1 {
+            message_id: v1_message_id(&topics[position].0, id),
             topic: &topics[position].0,
         })
         .collect();

@@ -183,3 +183,59 @@ async fn secrets_never_reach_the_logs() {
         }
     }
 }
+
+/// Sends `bytes` on a raw connection and returns what comes back before the server closes it.
+async fn raw_exchange(app: &crate::helpers::TestApp, bytes: &[u8], pause: Duration) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = tokio::net::TcpStream::connect(app.address).await.unwrap();
+    socket.write_all(bytes).await.unwrap();
+    tokio::time::sleep(pause).await;
+    let mut reply = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(15), socket.read_to_end(&mut reply)).await;
+    String::from_utf8_lossy(&reply).into_owned()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_or_trickled_request_heads_are_refused() {
+    let app = crate::helpers::TestApp::on_embedded("").await;
+    let huge = format!(
+        "GET /health/live HTTP/1.1\r\nX-Padding: {}\r\n\r\n",
+        "a".repeat(20_000)
+    );
+    let reply = raw_exchange(&app, huge.as_bytes(), Duration::ZERO).await;
+    assert!(reply.starts_with("HTTP/1.1 431"), "{reply}");
+    // Half a head, then nothing: the server gives up after its header-read timeout.
+    let started = Instant::now();
+    let reply = raw_exchange(
+        &app,
+        b"GET /health/live HTTP/1.1\r\nHost: x\r\n",
+        Duration::ZERO,
+    )
+    .await;
+    assert!(reply.starts_with("HTTP/1.1 408"), "{reply}");
+    assert!(
+        started.elapsed() >= Duration::from_secs(9),
+        "{:?}",
+        started.elapsed()
+    );
+    // A complete head is served, on the plain path and on the SSE path.
+    let reply = raw_exchange(
+        &app,
+        b"GET /health/live HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+        Duration::ZERO,
+    )
+    .await;
+    assert!(reply.starts_with("HTTP/1.1 200"), "{reply}");
+    let reply = raw_exchange(
+        &app,
+        b"GET /api/streams/s/events HTTP/1.1\r\nHost: x\r\n\r\n",
+        Duration::ZERO,
+    )
+    .await;
+    assert!(reply.starts_with("HTTP/1.1 401"), "{reply}");
+    assert!(
+        reply.contains("content-type: application/problem+json")
+            && reply.contains("www-authenticate"),
+        "{reply}"
+    );
+}

@@ -42,3 +42,4 @@ mod groups;
 mod health;
 mod lifecycle;
 mod produce;
+mod seed004;

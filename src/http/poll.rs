@@ -1,0 +1,367 @@
+//! Seed 004's long-polling: `GET /api/v1/poll` answers as soon as a message is available (or
+//! empty after `timeout`), and `POST /api/v1/ack` acknowledges by `message_id` on any instance.
+//!
+//! A poll is a short-lived subscriber on the same delivery core as SSE. With `group` it is a
+//! consumer of the group (named `client_id`, or a generated name): what it returned stays pending
+//! until acknowledged, and a later poll with the same `client_id` gets back what was not. Without
+//! a group it is a broadcast subscriber resuming from `cursor` (or starting at new messages), and
+//! the reply's `cursor` is where the next poll continues.
+
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use futures_util::stream::BoxStream;
+use futures_util::{FutureExt, StreamExt};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+
+use super::AppState;
+use super::auth::Caller;
+use super::error::ApiError;
+use super::extract::{LimitedBody, QueryPairs, parse_json, stream_name};
+use super::message_id::MessageRef;
+use crate::auth::Scope;
+use crate::backend::GroupStart;
+use crate::delivery::cursor;
+use crate::delivery::groups::{ConnectError, ConsumerSpec, Mode};
+use crate::delivery::hub::{HubEvent, Start, SubscribeError};
+use crate::model::{ConsumerName, Entry, EntryId, GroupName, StreamName};
+
+/// Longest a poll waits, whatever it asks for.
+const MAX_TIMEOUT_SECS: u64 = 60;
+const DEFAULT_TIMEOUT_SECS: u64 = 30;
+/// Most messages one poll returns.
+const MAX_MESSAGES: usize = 1000;
+const DEFAULT_MESSAGES: usize = 100;
+
+pub fn polling_router() -> Router<AppState> {
+    Router::new().route("/api/v1/poll", get(poll))
+}
+
+pub fn ack_router() -> Router<AppState> {
+    Router::new().route("/api/v1/ack", post(ack))
+}
+
+#[derive(Serialize)]
+struct PolledMessage {
+    message_id: String,
+    topic: StreamName,
+    payload: Box<RawValue>,
+    /// Milliseconds since the epoch, from the entry id.
+    timestamp: u64,
+}
+
+#[derive(Serialize)]
+struct Gap {
+    topic: StreamName,
+    requested: EntryId,
+    resumed_from: EntryId,
+}
+
+#[derive(Serialize)]
+struct PollReply {
+    messages: Vec<PolledMessage>,
+    /// Where a broadcast poll continues (pass it back as `cursor`); null for group polls.
+    cursor: Option<String>,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    gaps: Vec<Gap>,
+}
+
+/// What one topic of a poll yields.
+enum Polled {
+    Message(StreamName, Option<GroupName>, Entry),
+    Gap(Gap),
+}
+
+fn polled_message(
+    topic: StreamName,
+    group: Option<GroupName>,
+    entry: &Entry,
+) -> Result<PolledMessage, ApiError> {
+    let body = String::from_utf8(entry.body_json().to_vec())
+        .map_err(|error| ApiError::Internal(error.to_string()))?;
+    let payload =
+        RawValue::from_string(body).map_err(|error| ApiError::Internal(error.to_string()))?;
+    let message_id = MessageRef {
+        stream: topic.clone(),
+        group,
+        id: entry.id,
+    }
+    .encode();
+    Ok(PolledMessage {
+        message_id,
+        topic,
+        payload,
+        timestamp: entry.id.ms,
+    })
+}
+
+/// `topics=a,b` (or repeated `topics`).
+fn topics(query: &QueryPairs) -> Result<Vec<StreamName>, ApiError> {
+    let mut topics = Vec::new();
+    for name in query
+        .all("topics")
+        .flat_map(|list| list.split(','))
+        .filter(|name| !name.is_empty())
+    {
+        let topic = stream_name(name)?;
+        if !topics.contains(&topic) {
+            topics.push(topic);
+        }
+    }
+    if topics.is_empty() {
+        return Err(ApiError::BadRequest("`topics` is required".into()));
+    }
+    Ok(topics)
+}
+
+async fn poll(
+    State(state): State<AppState>,
+    caller: Caller,
+    query: QueryPairs,
+) -> Result<Json<PollReply>, ApiError> {
+    let topics = topics(&query)?;
+    for topic in &topics {
+        caller.require(Scope::Consume, topic)?;
+    }
+    let timeout = query
+        .parsed("timeout", |text| text.parse::<u64>().ok())?
+        .unwrap_or(DEFAULT_TIMEOUT_SECS)
+        .min(MAX_TIMEOUT_SECS);
+    let max = query
+        .parsed("max", |text| {
+            text.parse::<usize>().ok().filter(|max| *max >= 1)
+        })?
+        .unwrap_or(DEFAULT_MESSAGES)
+        .min(MAX_MESSAGES);
+    let group = query
+        .one("group")?
+        .map(|name| {
+            GroupName::parse(name)
+                .map_err(|error| ApiError::BadRequest(format!("invalid group name: {error}")))
+        })
+        .transpose()?;
+    let client_id = query
+        .one("client_id")?
+        .map(|name| {
+            ConsumerName::parse(name)
+                .map_err(|error| ApiError::BadRequest(format!("invalid client_id: {error}")))
+        })
+        .transpose()?;
+    let _permit = state.streaming_permit()?;
+    let _connection = state.connections.open_long_poll();
+
+    let (sources, mut positions): (Vec<BoxStream<'static, Polled>>, Option<cursor::Positions>) =
+        match group {
+            Some(group) => {
+                if query.one("cursor")?.is_some() {
+                    return Err(ApiError::BadRequest(
+                        "`cursor` is for polls without a group".into(),
+                    ));
+                }
+                (
+                    group_sources(&state, &topics, group, client_id, max).await?,
+                    None,
+                )
+            }
+            None => {
+                let (sources, positions) =
+                    broadcast_sources(&state, &topics, query.one("cursor")?).await?;
+                (sources, Some(positions))
+            }
+        };
+    let mut merged = futures_util::stream::select_all(sources);
+    let mut reply = PollReply {
+        messages: Vec::new(),
+        cursor: None,
+        gaps: Vec::new(),
+    };
+    // Wait for the first message (or the timeout, or shutdown); then take what is already there.
+    let first = tokio::select! {
+        polled = merged.next() => polled,
+        _ = tokio::time::sleep(Duration::from_secs(timeout)) => None,
+        _ = state.shutdown.cancelled() => None,
+    };
+    let mut next = first;
+    while let Some(polled) = next {
+        match polled {
+            Polled::Message(topic, group, entry) => {
+                if let Some(positions) = positions.as_mut() {
+                    positions.advance(&topic, entry.id);
+                }
+                reply.messages.push(polled_message(topic, group, &entry)?);
+            }
+            Polled::Gap(gap) => reply.gaps.push(gap),
+        }
+        if reply.messages.len() >= max {
+            break;
+        }
+        next = merged.next().now_or_never().flatten();
+    }
+    reply.cursor = positions.map(|positions| positions.encode());
+    Ok(Json(reply))
+}
+
+/// One group consumer per topic, named `client_id` (or generated), with `max` in flight.
+async fn group_sources(
+    state: &AppState,
+    topics: &[StreamName],
+    group: GroupName,
+    client_id: Option<ConsumerName>,
+    max: usize,
+) -> Result<Vec<BoxStream<'static, Polled>>, ApiError> {
+    let mut sources = Vec::with_capacity(topics.len());
+    for topic in topics {
+        let spec = ConsumerSpec {
+            stream: topic.clone(),
+            group: group.clone(),
+            consumer: client_id.clone(),
+            limit: Some(max as u32),
+            start: GroupStart::After(EntryId::MIN),
+            mode: Mode::AtLeastOnce,
+        };
+        let subscription = state
+            .groups
+            .connect(spec)
+            .await
+            .map_err(|error| match error {
+                ConnectError::Duplicate(name) => ApiError::Conflict(format!(
+                    "client `{name}` is already polling {topic} in this group here"
+                )),
+                ConnectError::Backend(error) => error.into(),
+            })?;
+        let group = group.clone();
+        sources.push(
+            futures_util::stream::unfold(subscription, move |mut subscription| {
+                let group = group.clone();
+                async move {
+                    let message = subscription.next().await?;
+                    let polled =
+                        Polled::Message(subscription.stream.clone(), Some(group), message.entry);
+                    Some((polled, subscription))
+                }
+            })
+            .boxed(),
+        );
+    }
+    Ok(sources)
+}
+
+/// One broadcast subscription per topic, from the cursor (or new messages).
+async fn broadcast_sources(
+    state: &AppState,
+    topics: &[StreamName],
+    resume: Option<&str>,
+) -> Result<(Vec<BoxStream<'static, Polled>>, cursor::Positions), ApiError> {
+    let resumed = match resume {
+        Some(token) => {
+            cursor::decode(token).map_err(|error| ApiError::BadRequest(error.to_string()))?
+        }
+        None => Vec::new(),
+    };
+    let mut sources = Vec::with_capacity(topics.len());
+    let mut positions = Vec::with_capacity(topics.len());
+    for topic in topics {
+        let start = match resumed.iter().find(|(stream, _)| stream == topic) {
+            Some((_, id)) => Start::After(*id),
+            None => Start::Latest,
+        };
+        let subscription =
+            state
+                .hub
+                .subscribe(topic, start)
+                .await
+                .map_err(|error| match error {
+                    SubscribeError::FutureId { requested, last } => ApiError::BadRequest(format!(
+                        "cannot resume {topic} after {requested}: its last id is {last}"
+                    )),
+                    SubscribeError::Backend(error) => error.into(),
+                })?;
+        positions.push((topic.clone(), subscription.position()));
+        sources.push(
+            futures_util::stream::unfold(subscription, |mut subscription| async move {
+                let polled = match subscription.next().await? {
+                    HubEvent::Message(frame) => {
+                        Polled::Message(StreamName::clone(&frame.stream), None, frame.entry.clone())
+                    }
+                    HubEvent::Gap {
+                        requested,
+                        resumed_from,
+                    } => Polled::Gap(Gap {
+                        topic: subscription.stream().clone(),
+                        requested,
+                        resumed_from,
+                    }),
+                };
+                Some((polled, subscription))
+            })
+            .boxed(),
+        );
+    }
+    Ok((sources, cursor::Positions::new(positions)))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct AckBody {
+    message_ids: Vec<String>,
+}
+
+#[derive(Serialize)]
+struct Acked {
+    acked: u64,
+}
+
+/// Acknowledges messages by `message_id`, on any instance. Every id is checked before anything
+/// is acknowledged: one garbled id makes the whole request a 400.
+async fn ack(
+    State(state): State<AppState>,
+    caller: Caller,
+    LimitedBody(body): LimitedBody,
+) -> Result<Json<Acked>, ApiError> {
+    let AckBody { message_ids } = parse_json(&body)?;
+    let references = decode_all(&message_ids)?;
+    Ok(Json(Acked {
+        acked: acknowledge(&state, &caller, references).await?,
+    }))
+}
+
+/// Decodes every token, or names the first that is not one.
+pub(super) fn decode_all(tokens: &[String]) -> Result<Vec<MessageRef>, ApiError> {
+    tokens
+        .iter()
+        .map(|token| {
+            MessageRef::decode(token).ok_or_else(|| {
+                let shown: String = token.chars().take(80).collect();
+                ApiError::BadRequest(format!("`{shown}` is not a message_id from this server"))
+            })
+        })
+        .collect()
+}
+
+/// Acknowledges group messages (broadcast messages need none); returns how many were pending.
+pub(super) async fn acknowledge(
+    state: &AppState,
+    caller: &Caller,
+    references: Vec<MessageRef>,
+) -> Result<u64, ApiError> {
+    let mut by_group: Vec<((StreamName, GroupName), Vec<EntryId>)> = Vec::new();
+    for reference in references {
+        caller.require(Scope::Consume, &reference.stream)?;
+        let Some(group) = reference.group else {
+            continue;
+        };
+        let key = (reference.stream, group);
+        match by_group.iter_mut().find(|(known, _)| *known == key) {
+            Some((_, ids)) => ids.push(reference.id),
+            None => by_group.push((key, vec![reference.id])),
+        }
+    }
+    let mut acked = 0;
+    for ((stream, group), ids) in by_group {
+        acked += state.groups.finish(&stream, &group, None, &ids).await?;
+    }
+    Ok(acked)
+}

@@ -1,0 +1,549 @@
+//! `GET /ws`: seed 004's WebSocket protocol, JSON text frames. A client subscribes to topics
+//! (as a consumer of a group, or as a broadcast subscriber), acknowledges, publishes and pings
+//! on one socket; every reply echoes the request's optional `ref`. A malformed frame gets an
+//! `error` reply and the socket stays usable.
+//!
+//! One task per socket: it reads client frames and forwards what its subscriptions yield. The
+//! subscriptions are the same delivery core SSE uses (a transport is a thin adapter). Buffers are
+//! small (tungstenite's default is 128 KiB each way), so idle sockets are cheap.
+
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::State;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::response::Response;
+use axum::routing::get;
+use bytes::Bytes;
+use futures_util::stream::BoxStream;
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use tokio_stream::StreamMap;
+
+use super::AppState;
+use super::auth::Caller;
+use super::error::ApiError;
+use super::message_id::MessageRef;
+use super::poll::{acknowledge, decode_all};
+use super::produce::{publish_one, v1_message_id};
+use super::sse::json_string;
+use crate::auth::Scope;
+use crate::backend::GroupStart;
+use crate::delivery::cursor;
+use crate::delivery::groups::{ConnectError, ConsumerSpec, MAX_LIMIT, Mode};
+use crate::delivery::hub::{Frame, HubEvent, Start, SubscribeError};
+use crate::model::{ConsumerName, EntryId, GroupName, StreamName};
+
+/// The frame cache slot of a broadcast message's WebSocket encoding.
+const SLOT_WS: usize = 2;
+/// Socket buffer sizes (reads; writes are flushed past this size). Client frames are small
+/// commands; a larger one is read in several steps.
+const READ_BUFFER: usize = 1024;
+const WRITE_BUFFER: usize = 8 * 1024;
+/// A socket that cannot take a frame for this long is closed with 1013 (try again later).
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Close codes.
+const SERVICE_RESTART: u16 = 1012;
+const TRY_AGAIN_LATER: u16 = 1013;
+
+pub fn router() -> Router<AppState> {
+    Router::new().route("/ws", get(upgrade))
+}
+
+async fn upgrade(
+    State(state): State<AppState>,
+    caller: Caller,
+    upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Result<Response, ApiError> {
+    let upgrade = upgrade.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
+    let permit = state.streaming_permit()?;
+    let connection = state.connections.open_websocket();
+    let max_message = state.config.limits.max_body_bytes;
+    Ok(upgrade
+        .read_buffer_size(READ_BUFFER)
+        .write_buffer_size(WRITE_BUFFER)
+        .max_write_buffer_size(WRITE_BUFFER + max_message + 1024)
+        .max_message_size(max_message)
+        .max_frame_size(max_message)
+        .on_upgrade(move |socket| async move {
+            session(socket, state, caller).await;
+            drop((permit, connection));
+        }))
+}
+
+/// What the socket task forwards from a subscription: a frame to send.
+type Outgoing = BoxStream<'static, Utf8Bytes>;
+
+async fn session(socket: WebSocket, state: AppState, caller: Caller) {
+    let (mut sink, mut incoming) = socket.split();
+    let mut subscriptions: StreamMap<StreamName, Outgoing> = StreamMap::new();
+    loop {
+        let replies: Vec<Utf8Bytes> = tokio::select! {
+            _ = state.shutdown.cancelled() => {
+                close(&mut sink, SERVICE_RESTART, "server restarting").await;
+                return;
+            }
+            frame = incoming.next() => match frame {
+                // Boxed: the handler's state is large and exists only while a frame is handled,
+                // so an idle socket's task stays small.
+                Some(Ok(Message::Text(text))) => Box::pin(handle(&state, &caller, &mut subscriptions, text)).await,
+                Some(Ok(Message::Binary(_))) => vec![error_frame(None, "unsupported", "send JSON text frames")],
+                Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+                Some(Ok(Message::Close(_)) | Err(_)) | None => return,
+            },
+            Some((_, frame)) = subscriptions.next(), if !subscriptions.is_empty() => vec![frame],
+        };
+        for reply in replies {
+            match tokio::time::timeout(WRITE_TIMEOUT, sink.send(Message::Text(reply))).await {
+                Ok(Ok(())) => {}
+                Ok(Err(_)) => return,
+                Err(_) => {
+                    close(&mut sink, TRY_AGAIN_LATER, "too slow to keep up").await;
+                    return;
+                }
+            }
+        }
+    }
+}
+
+async fn close(
+    sink: &mut futures_util::stream::SplitSink<WebSocket, Message>,
+    code: u16,
+    reason: &'static str,
+) {
+    let frame = CloseFrame {
+        code,
+        reason: Utf8Bytes::from_static(reason),
+    };
+    let _ = tokio::time::timeout(
+        Duration::from_secs(1),
+        sink.send(Message::Close(Some(frame))),
+    )
+    .await;
+}
+
+/// The envelope every client frame has.
+#[derive(Deserialize)]
+struct Head {
+    #[serde(rename = "type")]
+    kind: String,
+    #[serde(rename = "ref")]
+    reference: Option<Box<RawValue>>,
+}
+
+#[derive(Deserialize)]
+struct Subscribe {
+    topics: Vec<String>,
+    group: Option<String>,
+    client_id: Option<String>,
+    from: Option<String>,
+    limit: Option<u32>,
+    mode: Option<String>,
+}
+
+#[derive(Deserialize)]
+struct Unsubscribe {
+    topics: Vec<String>,
+}
+
+#[derive(Deserialize)]
+struct Ack {
+    message_id: Option<String>,
+    message_ids: Option<Vec<String>>,
+}
+
+#[derive(Deserialize)]
+struct Publish<'a> {
+    topic: String,
+    #[serde(borrow)]
+    payload: &'a RawValue,
+    ttl: Option<u64>,
+}
+
+/// Handles one client frame; returns the replies.
+async fn handle(
+    state: &AppState,
+    caller: &Caller,
+    subscriptions: &mut StreamMap<StreamName, Outgoing>,
+    text: Utf8Bytes,
+) -> Vec<Utf8Bytes> {
+    let head: Head = match serde_json::from_str(&text) {
+        Ok(head) => head,
+        Err(error) => {
+            return vec![error_frame(
+                None,
+                "invalid_frame",
+                &format!("expected a JSON object with a `type`: {error}"),
+            )];
+        }
+    };
+    let reference = head.reference.as_deref();
+    let outcome = match head.kind.as_str() {
+        "subscribe" => subscribe(state, caller, subscriptions, &text, reference).await,
+        "unsubscribe" => unsubscribe(subscriptions, &text, reference),
+        "ack" => ack(state, caller, &text, reference).await,
+        "publish" => publish(state, caller, &text, reference).await,
+        "ping" => Ok(reply("pong", reference, "")),
+        other => Err(("unknown_type", format!("unknown frame type {other:?}"))),
+    };
+    match outcome {
+        Ok(reply) => vec![reply],
+        Err((code, message)) => vec![error_frame(reference, code, &message)],
+    }
+}
+
+type Outcome = Result<Utf8Bytes, (&'static str, String)>;
+
+/// A failure of the REST-shared code, as an `error` reply's code and message.
+fn from_api(error: ApiError) -> (&'static str, String) {
+    let code = match &error {
+        ApiError::BadRequest(_) => "bad_request",
+        ApiError::Unauthorized { .. } => "unauthorized",
+        ApiError::Forbidden(_) => "forbidden",
+        ApiError::NotFound(_) => "not_found",
+        ApiError::Conflict(_) => "conflict",
+        ApiError::PayloadTooLarge(_) => "payload_too_large",
+        ApiError::TooManyRequests { .. } => "rate_limited",
+        ApiError::AtCapacity(_) | ApiError::Unavailable { .. } => "unavailable",
+        ApiError::MethodNotAllowed | ApiError::Internal(_) => "internal",
+    };
+    let message = match &error {
+        ApiError::Unavailable { .. } => "the backend is unavailable; retry later".to_owned(),
+        ApiError::Internal(cause) => {
+            tracing::error!(%cause, "internal error on a WebSocket");
+            "internal error".to_owned()
+        }
+        other => other.to_string(),
+    };
+    (code, message)
+}
+
+fn parse<'a, T: Deserialize<'a>>(text: &'a str) -> Result<T, (&'static str, String)> {
+    serde_json::from_str(text).map_err(|error| ("invalid_frame", error.to_string()))
+}
+
+/// `{"type": kind, …fields, "ref": …}`; `fields` is `,"a":1,…` or empty.
+fn reply(kind: &str, reference: Option<&RawValue>, fields: &str) -> Utf8Bytes {
+    let mut text = format!(r#"{{"type":"{kind}""#);
+    text.push_str(fields);
+    if let Some(reference) = reference {
+        text.push_str(r#","ref":"#);
+        text.push_str(reference.get());
+    }
+    text.push('}');
+    Utf8Bytes::from(text)
+}
+
+fn error_frame(reference: Option<&RawValue>, code: &str, message: &str) -> Utf8Bytes {
+    reply(
+        "error",
+        reference,
+        &format!(
+            r#","code":{},"message":{}"#,
+            json_string(code),
+            json_string(message)
+        ),
+    )
+}
+
+fn names_json(names: &[StreamName]) -> String {
+    serde_json::to_string(names).unwrap_or_else(|_| "[]".into())
+}
+
+async fn subscribe(
+    state: &AppState,
+    caller: &Caller,
+    subscriptions: &mut StreamMap<StreamName, Outgoing>,
+    text: &str,
+    reference: Option<&RawValue>,
+) -> Outcome {
+    let request: Subscribe = parse(text)?;
+    let bad = |message: String| ("bad_request", message);
+    let mut topics = Vec::with_capacity(request.topics.len());
+    for topic in request.topics {
+        let topic =
+            StreamName::parse(topic).map_err(|error| bad(format!("invalid topic: {error}")))?;
+        caller.require(Scope::Consume, &topic).map_err(from_api)?;
+        topics.push(topic);
+    }
+    if topics.is_empty() {
+        return Err(bad("`topics` must not be empty".into()));
+    }
+    let group = request
+        .group
+        .map(|name| GroupName::parse(name).map_err(|error| bad(format!("invalid group: {error}"))))
+        .transpose()?;
+    let client_id = request
+        .client_id
+        .map(|name| {
+            ConsumerName::parse(name).map_err(|error| bad(format!("invalid client_id: {error}")))
+        })
+        .transpose()?;
+    let mode = match request.mode.as_deref() {
+        None | Some("at-least-once") => Mode::AtLeastOnce,
+        Some("at-most-once") => Mode::AtMostOnce,
+        Some(other) => return Err(bad(format!("unknown mode {other:?}"))),
+    };
+    if request
+        .limit
+        .is_some_and(|limit| !(1..=MAX_LIMIT).contains(&limit))
+    {
+        return Err(bad(format!("limit must be between 1 and {MAX_LIMIT}")));
+    }
+    let mut consumer = None;
+    match &group {
+        Some(group) => {
+            let start = match request.from.as_deref() {
+                None => GroupStart::After(EntryId::MIN),
+                Some(from) => super::groups::parse_start(from)
+                    .ok_or_else(|| bad(format!("invalid `from`: {from:?}")))?,
+            };
+            for topic in &topics {
+                let spec = ConsumerSpec {
+                    stream: topic.clone(),
+                    group: group.clone(),
+                    consumer: client_id.clone(),
+                    limit: request.limit,
+                    start,
+                    mode,
+                };
+                let subscription = state.groups.connect(spec).await.map_err(
+                    |error| match error {
+                        ConnectError::Duplicate(name) => (
+                            "conflict",
+                            format!(
+                                "client `{name}` is already connected to {topic} in this group here"
+                            ),
+                        ),
+                        ConnectError::Backend(error) => from_api(error.into()),
+                    },
+                )?;
+                consumer = Some(subscription.consumer.clone());
+                subscriptions.insert(topic.clone(), group_messages(subscription));
+            }
+        }
+        None => {
+            let starts = broadcast_starts(&topics, request.from.as_deref()).map_err(bad)?;
+            for (topic, start) in topics.iter().zip(starts) {
+                let subscription =
+                    state
+                        .hub
+                        .subscribe(topic, start)
+                        .await
+                        .map_err(|error| match error {
+                            SubscribeError::FutureId { requested, last } => bad(format!(
+                                "cannot resume {topic} after {requested}: its last id is {last}"
+                            )),
+                            SubscribeError::Backend(error) => from_api(error.into()),
+                        })?;
+                subscriptions.insert(topic.clone(), broadcast_messages(subscription));
+            }
+        }
+    }
+    let mut fields = format!(r#","topics":{}"#, names_json(&topics));
+    if let Some(group) = &group {
+        fields.push_str(&format!(r#","group":{}"#, json_string(group.as_str())));
+    }
+    if let Some(consumer) = &consumer {
+        fields.push_str(&format!(
+            r#","client_id":{}"#,
+            json_string(consumer.as_str())
+        ));
+    }
+    Ok(reply("subscribed", reference, &fields))
+}
+
+/// Broadcast starts from `from`: `0`, `$`, an entry id (one topic), or a cursor (several).
+fn broadcast_starts(topics: &[StreamName], from: Option<&str>) -> Result<Vec<Start>, String> {
+    let uniform = |start: Start| Ok(vec![start; topics.len()]);
+    match from {
+        None | Some("$") => uniform(Start::Latest),
+        Some("0") => uniform(Start::Beginning),
+        Some(token) if token.starts_with("c1.") => {
+            let positions = cursor::decode(token).map_err(|error| error.to_string())?;
+            Ok(topics
+                .iter()
+                .map(
+                    |topic| match positions.iter().find(|(stream, _)| stream == topic) {
+                        Some((_, id)) => Start::After(*id),
+                        None => Start::Latest,
+                    },
+                )
+                .collect())
+        }
+        Some(id) => {
+            let id = EntryId::parse_bound(id, false).map_err(|error| error.to_string())?;
+            uniform(Start::After(id))
+        }
+    }
+}
+
+/// A group subscription's messages as frames, then an `error` frame if it ends (the group went
+/// away).
+fn group_messages(subscription: crate::delivery::groups::Subscription) -> Outgoing {
+    let topic = subscription.stream.clone();
+    let group = subscription.group.clone();
+    let messages = futures_util::stream::unfold(subscription, |mut subscription| async move {
+        let message = subscription.next().await?;
+        let reference = MessageRef {
+            stream: subscription.stream.clone(),
+            group: Some(subscription.group.clone()),
+            id: message.entry.id,
+        };
+        let frame = message_frame(
+            &subscription.stream,
+            &reference.encode(),
+            &message.entry.body_json(),
+            Some(message.deliveries),
+        );
+        Some((frame, subscription))
+    });
+    let ended = futures_util::stream::once(async move {
+        error_frame(
+            None,
+            "subscription_ended",
+            &format!("the group {group} of {topic} is gone; subscribe again to recreate it"),
+        )
+    });
+    messages.chain(ended).boxed()
+}
+
+/// A broadcast subscription's events as frames; a message's frame is encoded once for every
+/// WebSocket subscriber.
+fn broadcast_messages(subscription: crate::delivery::hub::Subscription) -> Outgoing {
+    futures_util::stream::unfold(subscription, |mut subscription| async move {
+        let frame = match subscription.next().await? {
+            HubEvent::Message(frame) => {
+                let bytes = frame.encoded(SLOT_WS, broadcast_frame);
+                // Encoded from valid UTF-8 text, so this does not fail.
+                Utf8Bytes::try_from(bytes).unwrap_or_else(|_| Utf8Bytes::from_static("{}"))
+            }
+            HubEvent::Gap {
+                requested,
+                resumed_from,
+            } => reply(
+                "gap",
+                None,
+                &format!(
+                    r#","topic":{},"requested":"{requested}","resumed_from":"{resumed_from}""#,
+                    json_string(subscription.stream().as_str())
+                ),
+            ),
+        };
+        Some((frame, subscription))
+    })
+    .boxed()
+}
+
+fn broadcast_frame(frame: &Frame) -> Bytes {
+    let message_id = v1_message_id(&frame.stream, frame.id());
+    Bytes::from(message_frame(
+        &frame.stream,
+        &message_id,
+        &frame.entry.body_json(),
+        None,
+    ))
+}
+
+/// `{"type":"message","topic","message_id","payload"[,"deliveries"]}`.
+fn message_frame(
+    topic: &StreamName,
+    message_id: &str,
+    payload: &[u8],
+    deliveries: Option<u64>,
+) -> Utf8Bytes {
+    let payload = String::from_utf8_lossy(payload);
+    let mut text =
+        String::with_capacity(payload.len() + topic.as_str().len() + message_id.len() + 64);
+    text.push_str(r#"{"type":"message","topic":"#);
+    text.push_str(&json_string(topic.as_str()));
+    text.push_str(r#","message_id":""#);
+    text.push_str(message_id);
+    text.push_str(r#"","payload":"#);
+    text.push_str(&payload);
+    if let Some(deliveries) = deliveries {
+        text.push_str(&format!(r#","deliveries":{deliveries}"#));
+    }
+    text.push('}');
+    Utf8Bytes::from(text)
+}
+
+fn unsubscribe(
+    subscriptions: &mut StreamMap<StreamName, Outgoing>,
+    text: &str,
+    reference: Option<&RawValue>,
+) -> Outcome {
+    let request: Unsubscribe = parse(text)?;
+    let mut removed = Vec::new();
+    for topic in request.topics {
+        if let Ok(topic) = StreamName::parse(topic)
+            && subscriptions.remove(&topic).is_some()
+        {
+            removed.push(topic);
+        }
+    }
+    Ok(reply(
+        "unsubscribed",
+        reference,
+        &format!(r#","topics":{}"#, names_json(&removed)),
+    ))
+}
+
+async fn ack(
+    state: &AppState,
+    caller: &Caller,
+    text: &str,
+    reference: Option<&RawValue>,
+) -> Outcome {
+    let request: Ack = parse(text)?;
+    let tokens: Vec<String> = request
+        .message_id
+        .into_iter()
+        .chain(request.message_ids.into_iter().flatten())
+        .collect();
+    if tokens.is_empty() {
+        return Err(("bad_request", "give `message_id` or `message_ids`".into()));
+    }
+    let references =
+        decode_all(&tokens).map_err(|error| ("invalid_message_id", error.to_string()))?;
+    let acked = acknowledge(state, caller, references)
+        .await
+        .map_err(from_api)?;
+    Ok(reply("ack", reference, &format!(r#","acked":{acked}"#)))
+}
+
+async fn publish(
+    state: &AppState,
+    caller: &Caller,
+    text: &Utf8Bytes,
+    reference: Option<&RawValue>,
+) -> Outcome {
+    // The payload is stored exactly as received: borrow it from the frame's own bytes.
+    let body = Bytes::from(text.clone());
+    let request: Publish =
+        serde_json::from_slice(&body).map_err(|error| ("invalid_frame", error.to_string()))?;
+    let (topic, outcome) = publish_one(
+        state,
+        caller,
+        request.topic,
+        &body,
+        request.payload,
+        request.ttl,
+        None,
+    )
+    .await
+    .map_err(from_api)?;
+    let id = outcome
+        .ids
+        .first()
+        .copied()
+        .ok_or(("internal", "no id".to_owned()))?;
+    let fields = format!(
+        r#","topic":{},"message_id":"{}""#,
+        json_string(topic.as_str()),
+        v1_message_id(&topic, id)
+    );
+    Ok(reply("published", reference, &fields))
+}
