@@ -144,6 +144,7 @@ fn main() {
                     connect_retries: 5,
                     response_timeout: Duration::from_secs(10),
                     connect_timeout: Duration::from_secs(2),
+                    tls_ca: None,
                 };
                 let backend = RedisBackend::connect(&options, CancellationToken::new())
                     .await

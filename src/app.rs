@@ -15,8 +15,10 @@ use crate::bridge;
 use crate::config::{BackendKind, Config};
 use crate::delivery::Delivery;
 use crate::delivery::groups::GroupSettings;
-use crate::http::serve::serve;
+use crate::http::serve::{serve, tls_acceptor};
 use crate::http::{self, AppState};
+use crate::metrics::Metrics;
+use crate::probe::Probe;
 
 /// Runs streamgate on an already-bound listener until `shutdown` is cancelled.
 pub async fn run(
@@ -28,22 +30,54 @@ pub async fn run(
         tracing::warn!("{warning}");
     }
     let config = Arc::new(config);
+    let tls = match &config.tls {
+        Some(tls) => Some(
+            tls_acceptor(&tls.cert, &tls.key).map_err(|error| anyhow::anyhow!("TLS: {error}"))?,
+        ),
+        None => None,
+    };
     let backend = connect_backend(&config, shutdown.clone()).await?;
     let local_address = listener
         .local_addr()
         .context("reading the listen address")?;
     print_banner(&config, &backend, local_address);
 
+    let metrics = Arc::new(Metrics::new());
     if let (false, Some(redis)) = (config.pubsub.patterns.is_empty(), &config.redis) {
-        bridge::start(&redis.options.url, config.pubsub.clone(), shutdown.clone())
-            .context("starting the Pub/Sub bridge")?;
+        bridge::start(
+            &redis.options,
+            config.pubsub.clone(),
+            metrics.clone(),
+            shutdown.clone(),
+        )
+        .context("starting the Pub/Sub bridge")?;
     }
-    let delivery = Delivery::start(backend.clone(), group_settings(&config), shutdown.clone());
-    let state = AppState::new(backend, delivery, config.clone(), shutdown.clone());
+    let delivery = Delivery::start(
+        backend.clone(),
+        group_settings(&config),
+        metrics.clone(),
+        shutdown.clone(),
+    );
+    let probe = Probe::start(
+        backend.clone(),
+        &delivery,
+        metrics.clone(),
+        config.probe.clone(),
+        shutdown.clone(),
+    );
+    let state = AppState::new(
+        backend,
+        delivery,
+        probe,
+        metrics,
+        config.clone(),
+        shutdown.clone(),
+    );
     let router = http::router(state);
     let serving = tokio::spawn(serve(
         listener,
         router,
+        tls,
         shutdown.clone(),
         config.shutdown_timeout,
     ));
@@ -83,7 +117,12 @@ async fn connect_backend(
 /// The start-up banner: one line each for version, backend, listen URL and docs URL, and the
 /// generated token when there is one (printed once, here, and nowhere else).
 fn print_banner(config: &Config, backend: &AnyBackend, address: SocketAddr) {
-    let url = format!("http://{address}");
+    let scheme = if config.tls.is_some() {
+        "https"
+    } else {
+        "http"
+    };
+    let url = format!("{scheme}://{address}");
     let backend_line = match backend {
         AnyBackend::Redis(_) => format!("backend: redis at {}", backend.address()),
         AnyBackend::Embedded(_) => {

@@ -136,15 +136,115 @@ pub fn token_digest(token: &str) -> [u8; 32] {
     Sha256::digest(token.as_bytes()).into()
 }
 
+/// Verifies JSON Web Tokens: an HS256 secret, or an RS256/ES256 public key. Scopes come from the
+/// `scope` claim (space-separated, the OAuth convention) and the `scopes` claim (an array), their
+/// union; stream globs from `streams` (absent: every stream). `exp` is required.
+#[derive(Clone)]
+pub struct JwtVerifier {
+    key: jsonwebtoken::DecodingKey,
+    validation: jsonwebtoken::Validation,
+}
+
+impl fmt::Debug for JwtVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("JwtVerifier")
+            .field("algorithms", &self.validation.algorithms)
+            .finish()
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct Claims {
+    sub: Option<String>,
+    scope: Option<String>,
+    scopes: Option<Vec<String>>,
+    streams: Option<Vec<String>>,
+}
+
+impl JwtVerifier {
+    /// With an HS256 shared secret.
+    pub fn hs256(secret: &str, audience: Option<&str>, issuer: Option<&str>) -> JwtVerifier {
+        let key = jsonwebtoken::DecodingKey::from_secret(secret.as_bytes());
+        JwtVerifier::with(key, jsonwebtoken::Algorithm::HS256, audience, issuer)
+    }
+
+    /// With a PEM public key: RSA (RS256) or elliptic curve P-256 (ES256).
+    pub fn public_key(
+        pem: &str,
+        audience: Option<&str>,
+        issuer: Option<&str>,
+    ) -> Result<JwtVerifier, String> {
+        use jsonwebtoken::{Algorithm, DecodingKey};
+        let (key, algorithm) = match DecodingKey::from_rsa_pem(pem.as_bytes()) {
+            Ok(key) => (key, Algorithm::RS256),
+            Err(_) => match DecodingKey::from_ec_pem(pem.as_bytes()) {
+                Ok(key) => (key, Algorithm::ES256),
+                Err(error) => return Err(format!("not an RSA or EC public key in PEM: {error}")),
+            },
+        };
+        Ok(JwtVerifier::with(key, algorithm, audience, issuer))
+    }
+
+    fn with(
+        key: jsonwebtoken::DecodingKey,
+        algorithm: jsonwebtoken::Algorithm,
+        audience: Option<&str>,
+        issuer: Option<&str>,
+    ) -> JwtVerifier {
+        let mut validation = jsonwebtoken::Validation::new(algorithm);
+        validation.leeway = 30;
+        validation.set_required_spec_claims(&["exp"]);
+        match audience {
+            Some(audience) => validation.set_audience(&[audience]),
+            None => validation.validate_aud = false,
+        }
+        if let Some(issuer) = issuer {
+            validation.set_issuer(&[issuer]);
+        }
+        JwtVerifier { key, validation }
+    }
+
+    /// The principal a valid token names; `None` for anything invalid, expired or not ours.
+    pub fn verify(&self, token: &str) -> Option<Principal> {
+        let claims = jsonwebtoken::decode::<Claims>(token, &self.key, &self.validation)
+            .ok()?
+            .claims;
+        let words = claims
+            .scope
+            .iter()
+            .flat_map(|scope| scope.split_whitespace());
+        let listed = claims.scopes.iter().flatten().map(String::as_str);
+        let mut scopes: Vec<Scope> = words.chain(listed).filter_map(Scope::parse).collect();
+        scopes.sort_by_key(|scope| scope.as_str());
+        scopes.dedup();
+        let streams = match claims.streams {
+            Some(globs) => Some(
+                globs
+                    .iter()
+                    .map(|glob| StreamPattern::parse(glob).ok())
+                    .collect::<Option<Vec<_>>>()?,
+            ),
+            None => None,
+        };
+        let name = format!("jwt:{}", claims.sub.as_deref().unwrap_or("anonymous"));
+        Some(Principal::new(name, scopes, streams))
+    }
+}
+
 /// Turns presented tokens into principals.
 #[derive(Debug, Clone, Default)]
 pub struct Authenticator {
     tokens: Vec<([u8; 32], Principal)>,
+    jwt: Option<JwtVerifier>,
 }
 
 impl Authenticator {
-    /// From the full-access bearer token (if any) and the scoped tokens.
-    pub fn new(bearer_token: Option<&str>, tokens: &[StaticToken]) -> Authenticator {
+    /// From the full-access bearer token (if any), the scoped tokens and the JWT verifier.
+    pub fn new(
+        bearer_token: Option<&str>,
+        tokens: &[StaticToken],
+        jwt: Option<JwtVerifier>,
+    ) -> Authenticator {
         let mut entries = Vec::with_capacity(tokens.len() + 1);
         if let Some(token) = bearer_token {
             entries.push((token_digest(token), Principal::full_access("bearer_token")));
@@ -157,7 +257,10 @@ impl Authenticator {
             );
             entries.push((token.sha256, principal));
         }
-        Authenticator { tokens: entries }
+        Authenticator {
+            tokens: entries,
+            jwt,
+        }
     }
 
     /// The principal for a presented token. Every configured token is compared, each in constant
@@ -171,7 +274,12 @@ impl Authenticator {
                 found = Some(principal);
             }
         }
-        found.cloned()
+        match (found, &self.jwt) {
+            (Some(principal), _) => Some(principal.clone()),
+            // A JWT has three dot-separated parts.
+            (None, Some(jwt)) if presented.matches('.').count() == 2 => jwt.verify(presented),
+            (None, _) => None,
+        }
     }
 }
 
@@ -191,7 +299,7 @@ mod tests {
             scopes: vec![Scope::Publish],
             streams: Some(vec![StreamPattern::parse("orders.*").unwrap()]),
         };
-        let auth = Authenticator::new(Some("root"), &[scoped]);
+        let auth = Authenticator::new(Some("root"), &[scoped], None);
         assert_eq!(auth.authenticate("root").unwrap().name, "bearer_token");
         let writer = auth.authenticate("s3cret").unwrap();
         assert!(writer.may(Scope::Publish, &stream("orders.eu")));

@@ -12,6 +12,7 @@
 //! Pub/Sub keeps nothing: messages published while no instance holds the lease (a leader's
 //! crash, up to one lease time) are not stored.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -20,7 +21,9 @@ use redis::{AsyncConnectionConfig, Client, RedisError};
 use tokio_util::sync::CancellationToken;
 
 use crate::backend::backoff_delay;
+use crate::backend::redis::RedisOptions;
 use crate::config::PubSubConfig;
+use crate::metrics::Metrics;
 use crate::model::StreamName;
 
 /// The lease key; a string, so it never shows among streams.
@@ -62,17 +65,18 @@ return written
 
 /// Starts the bridge; it runs until `shutdown`.
 pub fn start(
-    url: &str,
+    redis: &RedisOptions,
     settings: PubSubConfig,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
 ) -> Result<(), RedisError> {
-    let client = Client::open(url)?;
+    let client = redis.client()?;
     let instance = hex::encode(rand::random::<[u8; 12]>());
     tracing::info!(patterns = ?settings.patterns, prefix = %settings.stream_prefix, "Pub/Sub bridge enabled");
     tokio::spawn(async move {
         let mut failures = 0u32;
         while !shutdown.is_cancelled() {
-            match lead(&client, &instance, &settings, &shutdown).await {
+            match lead(&client, &instance, &settings, &metrics, &shutdown).await {
                 Ok(()) => failures = 0,
                 Err(error) => {
                     let delay = backoff_delay(failures);
@@ -95,6 +99,7 @@ async fn lead(
     client: &Client,
     instance: &str,
     settings: &PubSubConfig,
+    metrics: &Metrics,
     shutdown: &CancellationToken,
 ) -> Result<(), RedisError> {
     let config = AsyncConnectionConfig::new()
@@ -142,7 +147,7 @@ async fn lead(
         };
         tokio::select! {
             _ = shutdown.cancelled() => {
-                write(&mut commands, &write_batch, instance, settings, &mut batch).await?;
+                write(metrics, &mut commands, &write_batch, instance, settings, &mut batch).await?;
                 return Ok(());
             }
             _ = renew.tick() => {
@@ -155,7 +160,7 @@ async fn lead(
                 }
             }
             _ = flush_at => {
-                write(&mut commands, &write_batch, instance, settings, &mut batch).await?;
+                write(metrics, &mut commands, &write_batch, instance, settings, &mut batch).await?;
                 deadline = None;
             }
             message = messages.next() => {
@@ -168,7 +173,7 @@ async fn lead(
                     Err(error) => tracing::warn!(%error, channel, "Pub/Sub bridge: channel name cannot be a stream; dropped"),
                 }
                 if batch.len() >= BATCH_MESSAGES {
-                    write(&mut commands, &write_batch, instance, settings, &mut batch).await?;
+                    write(metrics, &mut commands, &write_batch, instance, settings, &mut batch).await?;
                     deadline = None;
                 } else if deadline.is_none() {
                     deadline = Some(tokio::time::Instant::now() + BATCH_WINDOW);
@@ -180,6 +185,7 @@ async fn lead(
 
 /// Writes and empties the batch (one script: the lease check and every append together).
 async fn write(
+    metrics: &Metrics,
     commands: &mut MultiplexedConnection,
     script: &redis::Script,
     instance: &str,
@@ -208,6 +214,7 @@ async fn write(
         invocation.arg(index + 2).arg(payload.as_slice());
     }
     let written: i64 = invocation.invoke_async(commands).await?;
+    metrics.received(crate::metrics::source::PUBSUB, written.max(0) as u64);
     if written == 0 {
         tracing::warn!(
             messages = batch.len(),

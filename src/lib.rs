@@ -8,6 +8,8 @@
 //! - [`backend`]: the storage contract and its Redis and embedded implementations.
 //! - [`delivery`]: consumer groups and broadcast, transport-agnostic.
 //! - [`bridge`]: Redis Pub/Sub channels appended to streams.
+//! - [`probe`]: the synthetic probe that readiness trusts: publish, and see it delivered.
+//! - [`metrics`]: the Prometheus series.
 //! - [`http`]: routes, extraction, errors as problem+json; the only layer that knows HTTP.
 //! - [`app`]: wires it together and runs the server until shutdown.
 
@@ -18,5 +20,7 @@ pub mod bridge;
 pub mod config;
 pub mod delivery;
 pub mod http;
+pub mod metrics;
 pub mod model;
+pub mod probe;
 pub mod telemetry;

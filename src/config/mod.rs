@@ -16,7 +16,7 @@ use serde::{Serialize, Serializer};
 
 use self::reader::Reader;
 pub use self::sources::{Cli, Command, ConfigCommand, Flags, Sources, normalize_go_style_flags};
-use crate::auth::{Scope, StaticToken, StreamPattern, token_digest};
+use crate::auth::{JwtVerifier, Scope, StaticToken, StreamPattern, token_digest};
 use crate::backend::Retention;
 use crate::backend::redis::RedisOptions;
 
@@ -30,6 +30,7 @@ const SECTIONS: &[&str] = &[
     "jwt",
     "cors",
     "tls",
+    "probe",
 ];
 
 /// Every configuration key, as a dotted path.
@@ -42,6 +43,7 @@ const KEYS: &[&str] = &[
     "redis.connect_retries",
     "redis.pool_size",
     "redis.response_timeout",
+    "redis.tls_ca",
     "redis_address",
     "redis_password",
     "redis_db",
@@ -70,6 +72,8 @@ const KEYS: &[&str] = &[
     "cors.allowed_origins",
     "tls.cert",
     "tls.key",
+    "probe.interval",
+    "probe.timeout",
     "shutdown_timeout",
     "log_format",
     "log_level",
@@ -173,6 +177,7 @@ pub struct Config {
     pub cors: CorsConfig,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls: Option<TlsConfig>,
+    pub probe: ProbeConfig,
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub tokens: Vec<StaticToken>,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -215,6 +220,8 @@ pub struct RedisSettings {
     pub pool_size: usize,
     #[serde(serialize_with = "humantime")]
     pub response_timeout: Duration,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tls_ca: Option<PathBuf>,
     #[serde(skip)]
     pub options: RedisOptions,
 }
@@ -284,6 +291,18 @@ pub struct JwtConfig {
     pub audience: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub issuer: Option<String>,
+    /// Built from the above, its key checked at start.
+    #[serde(skip)]
+    pub verifier: JwtVerifier,
+}
+
+/// The synthetic probe: how often it runs and how long its message may take to come back.
+#[derive(Debug, Clone, Serialize)]
+pub struct ProbeConfig {
+    #[serde(serialize_with = "humantime")]
+    pub interval: Duration,
+    #[serde(serialize_with = "humantime")]
+    pub timeout: Duration,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -433,13 +452,27 @@ fn read(r: &mut Reader) -> Option<Config> {
     let cors = CorsConfig {
         allowed_origins: r.string_list("cors.allowed_origins").unwrap_or_default(),
     };
-    if cors.allowed_origins.iter().any(|origin| origin == "*") {
-        r.error(
-            "cors.allowed_origins",
-            "list origins explicitly; \"*\" is not allowed (requests carry credentials)",
-        );
+    for origin in &cors.allowed_origins {
+        let valid = (origin.starts_with("http://") || origin.starts_with("https://"))
+            && !origin.trim_end_matches('/').ends_with("://")
+            && axum::http::HeaderValue::from_str(origin).is_ok();
+        if origin == "*" {
+            r.error(
+                "cors.allowed_origins",
+                "list origins explicitly; \"*\" is not allowed (requests carry credentials)",
+            );
+        } else if !valid {
+            r.error(
+                "cors.allowed_origins",
+                format!("{origin:?} is not an origin such as https://app.example.com"),
+            );
+        }
     }
     let tls = read_tls(r);
+    let probe = ProbeConfig {
+        interval: positive(r, "probe.interval").unwrap_or(Duration::from_secs(10)),
+        timeout: positive(r, "probe.timeout").unwrap_or(Duration::from_secs(5)),
+    };
     let shutdown_timeout = r
         .duration("shutdown_timeout")
         .unwrap_or(Duration::from_secs(30));
@@ -505,6 +538,7 @@ fn read(r: &mut Reader) -> Option<Config> {
         jwt,
         cors,
         tls,
+        probe,
         tokens,
         retention,
         warnings: Vec::new(),
@@ -655,26 +689,55 @@ fn read_tokens(r: &mut Reader) -> Vec<StaticToken> {
     tokens
 }
 
+/// JWT verification: an HS256 secret, or a public key given as PEM text or a PEM file's path.
 fn read_jwt(r: &mut Reader) -> Option<JwtConfig> {
-    let jwt = JwtConfig {
-        hs256_secret: r.string("jwt.hs256_secret").map(Secret::new),
-        public_key_pem: r.string("jwt.public_key_pem"),
-        audience: r.string("jwt.audience"),
-        issuer: r.string("jwt.issuer"),
-    };
-    match (&jwt.hs256_secret, &jwt.public_key_pem) {
+    let hs256_secret = r
+        .string("jwt.hs256_secret")
+        .filter(|secret| !secret.is_empty());
+    let public_key_pem = r.string("jwt.public_key_pem");
+    let audience = r.string("jwt.audience");
+    let issuer = r.string("jwt.issuer");
+    let (aud, iss) = (audience.as_deref(), issuer.as_deref());
+    let verifier = match (&hs256_secret, &public_key_pem) {
         (None, None) => {
-            if jwt.audience.is_some() || jwt.issuer.is_some() {
+            if aud.is_some() || iss.is_some() {
                 r.problem("jwt.audience/jwt.issuer are set but no key is: set jwt.hs256_secret or jwt.public_key_pem");
             }
-            None
+            return None;
         }
         (Some(_), Some(_)) => {
             r.problem("set one of jwt.hs256_secret or jwt.public_key_pem, not both");
-            None
+            return None;
         }
-        _ => Some(jwt),
-    }
+        (Some(secret), None) => JwtVerifier::hs256(secret, aud, iss),
+        (None, Some(pem)) => {
+            let text = if pem.trim_start().starts_with("-----BEGIN") {
+                pem.clone()
+            } else {
+                match std::fs::read_to_string(pem) {
+                    Ok(text) => text,
+                    Err(error) => {
+                        r.error("jwt.public_key_pem", format!("cannot read {pem}: {error}"));
+                        return None;
+                    }
+                }
+            };
+            match JwtVerifier::public_key(&text, aud, iss) {
+                Ok(verifier) => verifier,
+                Err(error) => {
+                    r.error("jwt.public_key_pem", error);
+                    return None;
+                }
+            }
+        }
+    };
+    Some(JwtConfig {
+        hs256_secret: hs256_secret.map(Secret::new),
+        public_key_pem,
+        audience,
+        issuer,
+        verifier,
+    })
 }
 
 fn read_tls(r: &mut Reader) -> Option<TlsConfig> {
@@ -770,6 +833,7 @@ fn read_backend(r: &mut Reader) -> (BackendKind, Option<RedisSettings>) {
     let connect_retries = r.integer("redis.connect_retries", 0..=1000).unwrap_or(3) as u32;
     let pool_size = r.integer("redis.pool_size", 1..=64).unwrap_or(4) as usize;
     let response_timeout = positive(r, "redis.response_timeout").unwrap_or(Duration::from_secs(10));
+    let tls_ca = r.string("redis.tls_ca").map(PathBuf::from);
     let redis_configured = url.is_some() || address.is_some();
     let kind = match r.string("backend").as_deref() {
         None => {
@@ -830,12 +894,6 @@ fn read_backend(r: &mut Reader) -> (BackendKind, Option<RedisSettings>) {
             return (kind, None);
         }
     };
-    if parsed.scheme() == "rediss" {
-        r.error(
-            "redis.url",
-            "rediss:// (TLS to Redis) is not supported by this build yet",
-        );
-    }
     if let Some(password) = &password
         && parsed.set_password(Some(password)).is_err()
     {
@@ -843,6 +901,9 @@ fn read_backend(r: &mut Reader) -> (BackendKind, Option<RedisSettings>) {
     }
     if let Some(db) = db {
         parsed.set_path(&format!("/{db}"));
+    }
+    if tls_ca.is_some() && parsed.scheme() != "rediss" {
+        r.error("redis.tls_ca", "is set but the Redis URL is not rediss://");
     }
     let port = parsed.port().unwrap_or(6379);
     let host = parsed.host_str().unwrap_or_default().to_owned();
@@ -863,6 +924,7 @@ fn read_backend(r: &mut Reader) -> (BackendKind, Option<RedisSettings>) {
         connect_retries,
         response_timeout,
         connect_timeout: Duration::from_secs(2),
+        tls_ca: tls_ca.clone(),
     };
     (
         kind,
@@ -871,6 +933,7 @@ fn read_backend(r: &mut Reader) -> (BackendKind, Option<RedisSettings>) {
             connect_retries,
             pool_size,
             response_timeout,
+            tls_ca,
             options,
         }),
     )

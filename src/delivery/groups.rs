@@ -28,6 +28,7 @@ use crate::backend::{
     AnyBackend, Backend, BackendError, Delivery, GroupCursor, GroupRead, GroupStart, PendingQuery,
     backoff_delay,
 };
+use crate::metrics::Metrics;
 use crate::model::{ConsumerName, Entry, EntryId, GroupName, StreamName, now_ms};
 
 /// The highest flow-control limit a consumer may have.
@@ -235,6 +236,7 @@ struct Shared {
     backend: AnyBackend,
     watcher: Watcher,
     settings: GroupSettings,
+    metrics: Arc<Metrics>,
     shutdown: CancellationToken,
     dispatches: Mutex<HashMap<GroupKey, Arc<Dispatch>>>,
     /// Limits set through the limit route, for consumers that connect later.
@@ -292,12 +294,14 @@ impl Groups {
         backend: AnyBackend,
         watcher: Watcher,
         settings: GroupSettings,
+        metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Groups {
         let shared = Arc::new(Shared {
             backend,
             watcher,
             settings,
+            metrics,
             shutdown: shutdown.clone(),
             dispatches: Mutex::new(HashMap::new()),
             default_limits: Mutex::new(HashMap::new()),
@@ -630,8 +634,12 @@ impl Shared {
                 entry: delivery.entry,
                 deliveries: delivery.deliveries,
             };
+            let redelivery = message.deliveries > 1;
             if consumer.sender.try_send(message).is_ok() {
                 consumer.delivered.fetch_add(1, Ordering::Relaxed);
+                if redelivery {
+                    self.metrics.redeliveries.inc();
+                }
             } else {
                 // Disconnected meanwhile: the entry stays pending for it and comes back later.
                 lock(&consumer.in_flight).remove(&id);
@@ -667,6 +675,7 @@ impl Shared {
         self.backend
             .dead_letter(stream, group, id, &dead_letter_stream, fields)
             .await?;
+        self.metrics.dead_lettered.inc();
         tracing::warn!(%stream, %group, %id, deliveries = delivery.deliveries - 1, "moved to the dead-letter stream");
         self.release(&dispatch.key, None, &[id], false);
         Ok(())
@@ -860,7 +869,7 @@ async fn run(shared: Weak<Shared>, dispatch: Arc<Dispatch>) {
         if outcome.is_ok() && (claim || dispatch.claim_requested.swap(false, Ordering::Relaxed)) {
             outcome = shared.claim(&dispatch).await;
             ticks += 1;
-            if outcome.is_ok() && ticks % cleanup_every == 0 {
+            if outcome.is_ok() && ticks.is_multiple_of(cleanup_every) {
                 outcome = shared.clean_up(&dispatch).await;
             }
         }

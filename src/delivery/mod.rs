@@ -10,12 +10,15 @@ pub mod groups;
 pub mod hub;
 pub mod watcher;
 
+use std::sync::Arc;
+
 use tokio_util::sync::CancellationToken;
 
 use self::groups::{GroupSettings, Groups};
 use self::hub::Hub;
 use self::watcher::Watcher;
 use crate::backend::{AnyBackend, Backend, BackendError, Direction, RangeQuery};
+use crate::metrics::Metrics;
 use crate::model::{EntryId, StreamName};
 
 /// The delivery services of one instance.
@@ -30,11 +33,18 @@ impl Delivery {
     pub fn start(
         backend: AnyBackend,
         settings: GroupSettings,
+        metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Delivery {
         let watcher = Watcher::start(backend.clone(), shutdown.clone());
         Delivery {
-            groups: Groups::start(backend.clone(), watcher, settings, shutdown.clone()),
+            groups: Groups::start(
+                backend.clone(),
+                watcher,
+                settings,
+                metrics,
+                shutdown.clone(),
+            ),
             hub: Hub::start(backend, shutdown),
         }
     }

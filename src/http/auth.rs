@@ -3,7 +3,9 @@
 //! WebSocket cannot set headers), from `?token=` / `?access_token=`. What a principal may do is
 //! decided by [`crate::auth`].
 
-use axum::extract::{FromRequestParts, Request, State};
+use std::net::SocketAddr;
+
+use axum::extract::{ConnectInfo, FromRequestParts, Request, State};
 use axum::http::request::Parts;
 use axum::http::{Method, header};
 use axum::middleware::Next;
@@ -41,26 +43,41 @@ async fn authenticate(
     next: Next,
     query_allowed: bool,
 ) -> Result<Response, ApiError> {
-    let token = presented_token(
+    let outcome = presented_token(
         request.method(),
         request.headers(),
         request.uri().query(),
         query_allowed,
-    )?;
-    let Some(token) = token else {
-        return Err(ApiError::Unauthorized {
+    )
+    .and_then(|token| match token {
+        None => Err(ApiError::Unauthorized {
             detail: "missing credentials: send Authorization: Bearer <token>".into(),
             invalid_token: false,
-        });
-    };
-    let principal = state
-        .authenticator
-        .authenticate(&token)
-        .ok_or(ApiError::Unauthorized {
-            detail: "invalid token".into(),
-            invalid_token: true,
-        })?;
-    request.extensions_mut().insert(principal);
+        }),
+        Some(token) => state
+            .authenticator
+            .authenticate(&token)
+            .ok_or(ApiError::Unauthorized {
+                detail: "invalid token".into(),
+                invalid_token: true,
+            }),
+    });
+    if let Some(rate_limit) = &state.rate_limit {
+        // Per credential; per client address for requests without a valid one, so guessing
+        // tokens is limited too.
+        let key = match &outcome {
+            Ok(principal) => format!("credential:{}", principal.name),
+            Err(_) => {
+                let address = request.extensions().get::<ConnectInfo<SocketAddr>>();
+                format!(
+                    "address:{}",
+                    address.map_or_else(|| "unknown".to_owned(), |info| info.0.ip().to_string())
+                )
+            }
+        };
+        rate_limit.check(key)?;
+    }
+    request.extensions_mut().insert(outcome?);
     Ok(next.run(request).await)
 }
 

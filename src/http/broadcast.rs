@@ -21,8 +21,11 @@ use super::error::ApiError;
 use super::extract::{QueryPairs, StreamPath, stream_name};
 use super::sse::{self, json_string};
 use crate::auth::Scope;
+use std::sync::Arc;
+
 use crate::delivery::cursor;
 use crate::delivery::hub::{Frame, HubEvent, Start, SubscribeError, Subscription};
+use crate::metrics::{self, Metrics};
 use crate::model::{EntryId, StreamName};
 
 /// The frame caches each broadcast message keeps (see [`Frame::encoded`]).
@@ -124,16 +127,21 @@ pub async fn serve(
     let shutdown = state.shutdown.clone();
     let frames = match <[Subscription; 1]>::try_from(subscriptions) {
         Ok([subscription]) => {
-            futures_util::stream::unfold(subscription, |mut subscription| async move {
-                let event = subscription.next().await?;
-                Some((
-                    single_stream_frame(&event, subscription.stream()),
-                    subscription,
-                ))
+            let metrics = state.metrics.clone();
+            futures_util::stream::unfold(subscription, move |mut subscription| {
+                let metrics = metrics.clone();
+                async move {
+                    let event = subscription.next().await?;
+                    count_delivery(&metrics, &event);
+                    Some((
+                        single_stream_frame(&event, subscription.stream()),
+                        subscription,
+                    ))
+                }
             })
             .boxed()
         }
-        Err(subscriptions) => multi_stream_frames(subscriptions).boxed(),
+        Err(subscriptions) => multi_stream_frames(subscriptions, state.metrics.clone()).boxed(),
     };
     Ok(sse::response(
         frames,
@@ -249,8 +257,20 @@ fn single_stream_frame(event: &HubEvent, stream: &StreamName) -> Bytes {
 
 /// Events of several streams, interleaved as they come, each with the cursor of every stream's
 /// position as its id.
+/// Counts a broadcast message sent over SSE.
+fn count_delivery(metrics: &Metrics, event: &HubEvent) {
+    if let HubEvent::Message(frame) = event {
+        metrics.delivered(
+            metrics::transport::SSE,
+            metrics::mode::BROADCAST,
+            &frame.entry,
+        );
+    }
+}
+
 fn multi_stream_frames(
     subscriptions: Vec<Subscription>,
+    metrics: Arc<Metrics>,
 ) -> impl futures_util::Stream<Item = Bytes> + Send {
     let mut positions = cursor::Positions::new(
         subscriptions
@@ -269,6 +289,11 @@ fn multi_stream_frames(
     ));
     merged.map(move |(index, event)| match event {
         HubEvent::Message(frame) => {
+            metrics.delivered(
+                metrics::transport::SSE,
+                metrics::mode::BROADCAST,
+                &frame.entry,
+            );
             positions.advance_at(index, frame.id());
             let token = positions.encode();
             let data = frame.encoded(SLOT_SSE_DATA, |frame| {

@@ -13,6 +13,10 @@ tokio::task_local! {
     pub static CORRELATION_ID: String;
 }
 
+/// Marks a response caused by a backend failure (`unavailable` or `internal`), for the metrics.
+#[derive(Debug, Clone, Copy)]
+pub struct BackendFailure(pub &'static str);
+
 /// The media type of error bodies.
 pub const PROBLEM_JSON: &str = "application/problem+json";
 
@@ -161,6 +165,17 @@ impl IntoResponse for ApiError {
             _ => {}
         }
         let mut response = problem_response(self.status(), self.slug(), self.detail());
+        match &self {
+            ApiError::Unavailable { .. } => {
+                response
+                    .extensions_mut()
+                    .insert(BackendFailure("unavailable"));
+            }
+            ApiError::Internal(_) => {
+                response.extensions_mut().insert(BackendFailure("internal"));
+            }
+            _ => {}
+        }
         let headers = response.headers_mut();
         match &self {
             ApiError::Unauthorized { invalid_token, .. } => {

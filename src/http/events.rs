@@ -21,6 +21,7 @@ use crate::backend::GroupStart;
 use crate::delivery::groups::{
     ConnectError, ConsumerSpec, GroupMessage, MAX_LIMIT, Mode, Subscription,
 };
+use crate::metrics;
 use crate::model::{ConsumerName, EntryId, GroupName};
 
 pub fn router() -> Router<AppState> {
@@ -66,13 +67,14 @@ async fn events(
         "at-most-once" => Some(Mode::AtMostOnce),
         _ => None,
     })?;
+    let spec_mode = mode.unwrap_or(Mode::AtLeastOnce);
     let spec = ConsumerSpec {
         stream,
         group,
         consumer,
         limit,
         start,
-        mode: mode.unwrap_or(Mode::AtLeastOnce),
+        mode: spec_mode,
     };
     let permit = state.streaming_permit()?;
     let subscription = state
@@ -88,9 +90,18 @@ async fn events(
     let consumer_header = HeaderValue::from_str(subscription.consumer.as_str())
         .map_err(|_| ApiError::BadRequest("the consumer name cannot be sent in a header".into()))?;
     let connection = state.connections.open_sse();
-    let frames = futures_util::stream::unfold(subscription, |mut subscription| async move {
-        let message = subscription.next().await?;
-        Some((message_frame(&subscription, &message), subscription))
+    let metrics = state.metrics.clone();
+    let mode = match spec_mode {
+        Mode::AtLeastOnce => metrics::mode::AT_LEAST_ONCE,
+        Mode::AtMostOnce => metrics::mode::AT_MOST_ONCE,
+    };
+    let frames = futures_util::stream::unfold(subscription, move |mut subscription| {
+        let metrics = metrics.clone();
+        async move {
+            let message = subscription.next().await?;
+            metrics.delivered(metrics::transport::SSE, mode, &message.entry);
+            Some((message_frame(&subscription, &message), subscription))
+        }
     });
     Ok(sse::response(
         frames,

@@ -1,18 +1,23 @@
-//! Health probes, unauthenticated: liveness (the process runs), readiness (the backend answers
-//! within a deadline and shutdown has not begun) and a detailed report for dashboards.
+//! Health: liveness (the process runs), readiness (the backend answers within a deadline, the
+//! synthetic probe came back through delivery, and shutdown has not begun), a detailed report for
+//! dashboards and the metrics, all unauthenticated; and `POST /trigger-test-event` (admin scope),
+//! which runs the probe on demand.
 
 use std::time::{Duration, Instant};
 
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use serde::Serialize;
 
 use super::AppState;
-use super::error::problem_response;
+use super::auth::Caller;
+use super::error::{ApiError, problem_response};
+use crate::auth::Scope;
 use crate::backend::Backend;
+use crate::probe::Outcome;
 
 /// How long readiness waits for the backend before calling it unreachable.
 const BACKEND_DEADLINE: Duration = Duration::from_secs(1);
@@ -24,6 +29,25 @@ pub fn router() -> Router<AppState> {
         .route("/ready", get(ready))
         .route("/health", get(detailed))
         .route("/health-check", get(detailed))
+        .route("/metrics", get(metrics))
+}
+
+/// The on-demand probe (mounted behind authentication).
+pub fn trigger_router() -> Router<AppState> {
+    Router::new().route("/trigger-test-event", post(trigger_test_event))
+}
+
+/// Prometheus scrapes this (OpenMetrics text).
+async fn metrics(State(state): State<AppState>) -> Response {
+    let text = state.metrics.render(state.connections.snapshot());
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        text,
+    )
+        .into_response()
 }
 
 async fn live() -> impl IntoResponse {
@@ -48,13 +72,41 @@ async fn ready(State(state): State<AppState>) -> Response {
             "shutting down".into(),
         );
     }
-    match check_backend(&state).await {
-        Ok(_) => Json(serde_json::json!({ "status": "ready" })).into_response(),
-        Err(reason) => problem_response(
+    let reason = match check_backend(&state).await {
+        Ok(_) => match state.probe.check() {
+            Ok(()) => return Json(serde_json::json!({ "status": "ready" })).into_response(),
+            Err(reason) => reason,
+        },
+        Err(reason) => format!("{} backend unreachable: {reason}", state.backend.kind()),
+    };
+    problem_response(StatusCode::SERVICE_UNAVAILABLE, "not-ready", reason)
+}
+
+/// Runs the probe now (1 per second per instance) and answers with its round trip.
+async fn trigger_test_event(
+    State(state): State<AppState>,
+    caller: Caller,
+) -> Result<Response, ApiError> {
+    caller.require_everywhere(Scope::Admin)?;
+    let outcome = state
+        .probe
+        .trigger()
+        .await
+        .map_err(|too_soon| ApiError::TooManyRequests {
+            detail: "test events are limited to 1 per second".to_owned(),
+            retry_after_secs: too_soon.retry_after.as_secs_f64().ceil() as u64,
+        })?;
+    match outcome.round_trip_ms {
+        Some(round_trip_ms) if outcome.ok => Ok(Json(serde_json::json!({
+            "status": "ok",
+            "round_trip_ms": round_trip_ms,
+        }))
+        .into_response()),
+        _ => Ok(problem_response(
             StatusCode::SERVICE_UNAVAILABLE,
-            "not-ready",
-            format!("{} backend unreachable: {reason}", state.backend.kind()),
-        ),
+            "probe-failed",
+            outcome.error.unwrap_or_default(),
+        )),
     }
 }
 
@@ -85,12 +137,14 @@ struct Report {
     shutting_down: bool,
     backend: BackendHealth,
     connections: Connections,
+    /// The last synthetic probe (absent until the first one finishes).
+    probe: Option<Outcome>,
 }
 
 async fn detailed(State(state): State<AppState>) -> Response {
     let check = check_backend(&state).await;
     let (sse, websocket, long_poll) = state.connections.snapshot();
-    let healthy = check.is_ok() && !state.shutdown.is_cancelled();
+    let healthy = check.is_ok() && state.probe.check().is_ok() && !state.shutdown.is_cancelled();
     let report = Report {
         service: "streamgate",
         version: env!("CARGO_PKG_VERSION"),
@@ -112,6 +166,7 @@ async fn detailed(State(state): State<AppState>) -> Response {
             websocket,
             long_poll,
         },
+        probe: state.probe.last(),
     };
     let status = if healthy {
         StatusCode::OK

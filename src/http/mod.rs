@@ -14,6 +14,7 @@ pub mod health;
 pub mod message_id;
 pub mod poll;
 pub mod produce;
+pub mod rate_limit;
 pub mod serve;
 pub mod sse;
 pub mod ws;
@@ -23,22 +24,26 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, Request};
-use axum::http::{HeaderValue, Method, Uri};
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::http::{HeaderName, HeaderValue, Method, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use tokio_util::sync::CancellationToken;
+use tower_http::cors::{AllowOrigin, CorsLayer};
 use tracing::Instrument;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use self::error::{ApiError, CORRELATION_ID};
+use self::error::{ApiError, BackendFailure, CORRELATION_ID};
+use self::rate_limit::RateLimit;
 use crate::auth::Authenticator;
 use crate::backend::AnyBackend;
 use crate::config::Config;
 use crate::delivery::Delivery;
 use crate::delivery::groups::Groups;
 use crate::delivery::hub::Hub;
+use crate::metrics::Metrics;
+use crate::probe::Probe;
 
 /// Everything handlers share. Cheap to clone.
 #[derive(Clone)]
@@ -48,6 +53,10 @@ pub struct AppState {
     pub authenticator: Arc<Authenticator>,
     pub groups: Groups,
     pub hub: Hub,
+    pub probe: Probe,
+    pub metrics: Arc<Metrics>,
+    /// Requests per credential, when configured.
+    pub rate_limit: Option<RateLimit>,
     pub connections: Arc<ConnectionCounts>,
     /// One permit per streaming connection (`limits.max_connections`).
     pub streaming_permits: Arc<Semaphore>,
@@ -60,6 +69,8 @@ impl AppState {
     pub fn new(
         backend: AnyBackend,
         delivery: Delivery,
+        probe: Probe,
+        metrics: Arc<Metrics>,
         config: Arc<Config>,
         shutdown: CancellationToken,
     ) -> AppState {
@@ -67,12 +78,21 @@ impl AppState {
         let authenticator = Authenticator::new(
             config.bearer_token.as_ref().map(|token| token.expose()),
             &config.tokens,
+            config.jwt.as_ref().map(|jwt| jwt.verifier.clone()),
         );
         AppState {
             backend,
             authenticator: Arc::new(authenticator),
             groups,
             hub,
+            probe,
+            rate_limit: RateLimit::start(
+                config.limits.rate_per_second,
+                config.limits.burst,
+                metrics.clone(),
+                shutdown.clone(),
+            ),
+            metrics,
             connections: Arc::new(ConnectionCounts::default()),
             streaming_permits: Arc::new(Semaphore::new(config.limits.max_connections)),
             config,
@@ -157,6 +177,7 @@ pub fn router(state: AppState) -> Router {
         .merge(consumers::router())
         .merge(groups::router())
         .merge(poll::ack_router())
+        .merge(health::trigger_router())
         .layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_header_token,
@@ -171,7 +192,7 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             auth::require_header_or_query_token,
         ));
-    Router::new()
+    let router = Router::new()
         .merge(health::router())
         .merge(authenticated)
         .merge(streaming)
@@ -179,8 +200,49 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         // Bodies are read by `extract::LimitedBody` against the configured limit.
         .layer(DefaultBodyLimit::disable())
-        .layer(middleware::from_fn(correlate))
-        .with_state(state)
+        .layer(middleware::from_fn_with_state(
+            state.metrics.clone(),
+            correlate,
+        ));
+    let router = match cors(&state.config.cors.allowed_origins) {
+        Some(cors) => router.layer(cors),
+        None => router,
+    };
+    router.with_state(state)
+}
+
+/// CORS for the configured origins (exact matches, no wildcard), or none at all. Browsers may
+/// send the token and streamgate's own headers, and read the ones it answers with.
+fn cors(allowed_origins: &[String]) -> Option<CorsLayer> {
+    if allowed_origins.is_empty() {
+        return None;
+    }
+    let origins: Vec<HeaderValue> = allowed_origins
+        .iter()
+        .filter_map(|origin| HeaderValue::from_str(origin).ok())
+        .collect();
+    let request_headers = [
+        header::AUTHORIZATION,
+        header::CONTENT_TYPE,
+        HeaderName::from_static("idempotency-key"),
+        HeaderName::from_static("last-event-id"),
+        HeaderName::from_static("x-correlation-id"),
+        HeaderName::from_static("x-request-id"),
+    ];
+    let response_headers = [
+        HeaderName::from_static("x-correlation-id"),
+        HeaderName::from_static("x-consumer"),
+        HeaderName::from_static("idempotent-replayed"),
+        header::RETRY_AFTER,
+    ];
+    Some(
+        CorsLayer::new()
+            .allow_origin(AllowOrigin::list(origins))
+            .allow_methods([Method::GET, Method::POST, Method::PUT, Method::DELETE])
+            .allow_headers(request_headers)
+            .expose_headers(response_headers)
+            .max_age(std::time::Duration::from_secs(600)),
+    )
 }
 
 async fn not_found(method: Method, uri: Uri) -> ApiError {
@@ -219,8 +281,13 @@ fn loggable_query(uri: &Uri) -> String {
 
 /// Gives every request a correlation id (echoed in `X-Correlation-ID`, put in problem bodies
 /// and on every log line through the request span) and logs its outcome.
-async fn correlate(request: Request, next: Next) -> Response {
+async fn correlate(State(metrics): State<Arc<Metrics>>, request: Request, next: Next) -> Response {
     let id = correlation_id(&request);
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
+    let method = request.method().clone();
     let span = tracing::info_span!(
         "request",
         correlation_id = %id,
@@ -240,7 +307,12 @@ async fn correlate(request: Request, next: Next) -> Response {
         response.headers_mut().insert(CORRELATION_HEADER, value);
     }
     let status = response.status().as_u16();
-    let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+    let elapsed = started.elapsed().as_secs_f64();
+    metrics.request(&route, &method, status, elapsed);
+    if let Some(BackendFailure(kind)) = response.extensions().get::<BackendFailure>() {
+        metrics.backend_error(kind);
+    }
+    let elapsed_ms = elapsed * 1000.0;
     span.in_scope(|| {
         if quiet {
             tracing::debug!(status, elapsed_ms, "served");

@@ -27,6 +27,7 @@ use crate::backend::GroupStart;
 use crate::delivery::cursor;
 use crate::delivery::groups::{ConnectError, ConsumerSpec, Mode};
 use crate::delivery::hub::{HubEvent, Start, SubscribeError};
+use crate::metrics;
 use crate::model::{ConsumerName, Entry, EntryId, GroupName, StreamName};
 
 /// Longest a poll waits, whatever it asks for.
@@ -191,6 +192,14 @@ async fn poll(
                 if let Some(positions) = positions.as_mut() {
                     positions.advance(&topic, entry.id);
                 }
+                let mode = if group.is_some() {
+                    metrics::mode::AT_LEAST_ONCE
+                } else {
+                    metrics::mode::BROADCAST
+                };
+                state
+                    .metrics
+                    .delivered(metrics::transport::LONG_POLL, mode, &entry);
                 reply.messages.push(polled_message(topic, group, &entry)?);
             }
             Polled::Gap(gap) => reply.gaps.push(gap),

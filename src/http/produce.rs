@@ -20,6 +20,7 @@ use super::message_id::MessageRef;
 use crate::auth::Scope;
 use crate::backend::{AppendOutcome, AppendRequest, Backend, IdempotencyKey, Retention};
 use crate::config::IDEMPOTENCY_TTL;
+use crate::metrics::source::HTTP;
 use crate::model::{EntryId, INTERNAL_PREFIX, NewEntry, StreamName, now_ms};
 
 /// The longest accepted `ttl`: ten years, in seconds.
@@ -109,7 +110,7 @@ async fn publish(
     let entry = new_entry(&state, &body, request.data, request.ttl, None)?;
     let retention = retention(&state, &stream, request.maxlen)?;
     let idempotency = idempotency_key(&headers, "single")?;
-    let outcome = append(&state, &stream, vec![entry], retention, idempotency).await?;
+    let outcome = append(&state, &stream, vec![entry], retention, idempotency, HTTP).await?;
     let reply = Published {
         status: "ok",
         stream: &stream,
@@ -137,7 +138,7 @@ async fn publish_batch(
         .collect::<Result<Vec<_>, _>>()?;
     let retention = retention(&state, &stream, request.maxlen)?;
     let idempotency = idempotency_key(&headers, "batch")?;
-    let outcome = append(&state, &stream, entries, retention, idempotency).await?;
+    let outcome = append(&state, &stream, entries, retention, idempotency, HTTP).await?;
     let reply = PublishedBatch {
         status: "ok",
         stream: &stream,
@@ -156,16 +157,12 @@ async fn publish_v1(
     let request: V1Message = parse_json(&body)?;
     // The same namespace as the single route: both append one message to one stream.
     let idempotency = idempotency_key(&headers, "single")?;
-    let (topic, outcome) = publish_one(
-        &state,
-        &caller,
-        request.topic,
-        &body,
-        request.payload,
-        request.ttl,
-        idempotency,
-    )
-    .await?;
+    let message = TopicMessage {
+        topic: request.topic,
+        payload: request.payload,
+        ttl: request.ttl,
+    };
+    let (topic, outcome) = publish_one(&state, &caller, &body, message, idempotency, HTTP).await?;
     let reply = PublishedV1 {
         message_id: v1_message_id(&topic, first_id(&outcome)?),
         topic: &topic,
@@ -173,22 +170,29 @@ async fn publish_v1(
     Ok(created(&reply, outcome.replayed))
 }
 
+/// One message for one topic, as seed 004's route and WebSocket frame carry it.
+pub(super) struct TopicMessage<'a> {
+    pub topic: String,
+    /// Borrowed from the request's bytes.
+    pub payload: &'a RawValue,
+    pub ttl: Option<u64>,
+}
+
 /// Publishes one message to a topic, checked as every publish is: the v1 route and WebSocket
-/// `publish` share it. `payload` must borrow from `body`.
+/// `publish` share it. The message's payload must borrow from `body`.
 pub(super) async fn publish_one(
     state: &AppState,
     caller: &Caller,
-    topic: String,
     body: &Bytes,
-    payload: &RawValue,
-    ttl: Option<u64>,
+    message: TopicMessage<'_>,
     idempotency: Option<IdempotencyKey>,
+    source: &'static str,
 ) -> Result<(StreamName, AppendOutcome), ApiError> {
-    let topic = publishable(stream_name(topic)?)?;
+    let topic = publishable(stream_name(message.topic)?)?;
     caller.require(Scope::Publish, &topic)?;
-    let entry = new_entry(state, body, payload, ttl, None)?;
+    let entry = new_entry(state, body, message.payload, message.ttl, None)?;
     let retention = retention(state, &topic, None)?;
-    let outcome = append(state, &topic, vec![entry], retention, idempotency).await?;
+    let outcome = append(state, &topic, vec![entry], retention, idempotency, source).await?;
     Ok((topic, outcome))
 }
 
@@ -232,7 +236,7 @@ async fn publish_v1_bulk(
     for (topic, entries) in &topics {
         let retention = retention(&state, topic, None)?;
         let (positions, entries): (Vec<usize>, Vec<NewEntry>) = entries.iter().cloned().unzip();
-        let outcome = append(&state, topic, entries, retention, None).await?;
+        let outcome = append(&state, topic, entries, retention, None, HTTP).await?;
         for (position, id) in positions.into_iter().zip(outcome.ids) {
             ids[position] = id;
         }
@@ -344,19 +348,25 @@ fn idempotency_key(headers: &HeaderMap, kind: &str) -> Result<Option<Idempotency
     }))
 }
 
+/// Appends and counts what was written (`source`: http, websocket).
 async fn append(
     state: &AppState,
     stream: &StreamName,
     entries: Vec<NewEntry>,
     retention: Retention,
     idempotency: Option<IdempotencyKey>,
+    source: &'static str,
 ) -> Result<AppendOutcome, ApiError> {
     let request = AppendRequest {
         entries,
         retention,
         idempotency,
     };
-    Ok(state.backend.append(stream, request).await?)
+    let outcome = state.backend.append(stream, request).await?;
+    if !outcome.replayed {
+        state.metrics.received(source, outcome.ids.len() as u64);
+    }
+    Ok(outcome)
 }
 
 fn first_id(outcome: &AppendOutcome) -> Result<EntryId, ApiError> {

@@ -27,7 +27,8 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures_util::{FutureExt, StreamExt};
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
@@ -41,10 +42,12 @@ const MAX_HEADERS: usize = 64;
 /// Most bytes of ready events written in one go.
 const WRITE_BATCH: usize = 64 * 1024;
 
-/// Serves `router` on `listener` until `shutdown`, then drains within `drain_deadline`.
+/// Serves `router` on `listener` (over TLS with `tls`) until `shutdown`, then drains within
+/// `drain_deadline`.
 pub async fn serve(
     listener: TcpListener,
     router: Router,
+    tls: Option<TlsAcceptor>,
     shutdown: CancellationToken,
     drain_deadline: Duration,
 ) {
@@ -66,8 +69,23 @@ pub async fn serve(
         let _ = stream.set_nodelay(true);
         let router = router.clone();
         let shutdown = shutdown.clone();
+        let tls = tls.clone();
         connections.spawn(async move {
-            if let Err(error) = connection(stream, remote, router, shutdown).await {
+            let served = match tls {
+                // The handshake counts against the same deadline as the request head.
+                Some(tls) => {
+                    match tokio::time::timeout(HEADER_READ_TIMEOUT, tls.accept(stream)).await {
+                        Ok(Ok(stream)) => connection(stream, remote, router, shutdown).await,
+                        Ok(Err(error)) => Err(error),
+                        Err(_) => Err(io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            "TLS handshake timed out",
+                        )),
+                    }
+                }
+                None => connection(stream, remote, router, shutdown).await,
+            };
+            if let Err(error) = served {
                 tracing::debug!(%error, %remote, "connection ended with an error");
             }
         });
@@ -85,7 +103,7 @@ pub async fn serve(
 /// A connection: read its first request head; serve it here if it is an SSE request, else hand
 /// the connection to hyper.
 async fn connection(
-    mut stream: TcpStream,
+    mut stream: impl Connection,
     remote: SocketAddr,
     router: Router,
     shutdown: CancellationToken,
@@ -151,7 +169,7 @@ fn head_length(bytes: &[u8]) -> Option<usize> {
 }
 
 /// A minimal answer to a client that never sent a complete head.
-async fn refuse(stream: &mut TcpStream, status: StatusCode) -> io::Result<()> {
+async fn refuse(stream: &mut impl Connection, status: StatusCode) -> io::Result<()> {
     let reply = format!(
         "HTTP/1.1 {} {}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
         status.as_u16(),
@@ -203,7 +221,7 @@ fn sse_request(head: &[u8]) -> Option<Request<Body>> {
 /// Answers an SSE request: the router decides; an event stream is written straight to the
 /// socket until it ends or the client goes away; anything else (a 401, a 409) is written whole.
 async fn serve_sse(
-    stream: TcpStream,
+    stream: impl Connection,
     remote: SocketAddr,
     router: Router,
     mut request: Request<Body>,
@@ -213,7 +231,7 @@ async fn serve_sse(
         Ok(response) => response,
         Err(never) => match never {},
     };
-    let (mut reader, mut writer) = stream.into_split();
+    let (mut reader, mut writer) = tokio::io::split(stream);
     let streaming = response
         .headers()
         .get(header::CONTENT_TYPE)
@@ -299,6 +317,40 @@ fn response_head(parts: &axum::http::response::Parts, content_length: Option<usi
     head.put_slice(httpdate::fmt_http_date(std::time::SystemTime::now()).as_bytes());
     head.put_slice(b"\r\nconnection: close\r\n\r\n");
     head
+}
+
+/// What a connection runs over: TCP, or TLS over TCP.
+pub trait Connection: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection for S {}
+
+/// The TLS acceptor for a PEM certificate chain and private key.
+pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<TlsAcceptor, String> {
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+    let chain = CertificateDer::pem_file_iter(cert)
+        .and_then(|certificates| certificates.collect::<Result<Vec<_>, _>>())
+        .map_err(|error| {
+            format!(
+                "cannot read the certificate chain {}: {error}",
+                cert.display()
+            )
+        })?;
+    if chain.is_empty() {
+        return Err(format!("no certificate in {}", cert.display()));
+    }
+    let key = PrivateKeyDer::from_pem_file(key)
+        .map_err(|error| format!("cannot read the private key {}: {error}", key.display()))?;
+    // The provider is named, not looked up: one crypto library for TLS and JWT (aws-lc-rs).
+    let provider = std::sync::Arc::new(tokio_rustls::rustls::crypto::aws_lc_rs::default_provider());
+    let mut config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .map_err(|error| format!("TLS versions: {error}"))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|error| format!("the certificate and key do not form a TLS identity: {error}"))?;
+    config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(std::sync::Arc::new(config)))
 }
 
 /// A stream that first yields bytes already read from it.

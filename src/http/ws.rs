@@ -7,6 +7,7 @@
 //! subscriptions are the same delivery core SSE uses (a transport is a thin adapter). Buffers are
 //! small (tungstenite's default is 128 KiB each way), so idle sockets are cheap.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
@@ -27,13 +28,14 @@ use super::auth::Caller;
 use super::error::ApiError;
 use super::message_id::MessageRef;
 use super::poll::{acknowledge, decode_all};
-use super::produce::{publish_one, v1_message_id};
+use super::produce::{TopicMessage, publish_one, v1_message_id};
 use super::sse::json_string;
 use crate::auth::Scope;
 use crate::backend::GroupStart;
 use crate::delivery::cursor;
 use crate::delivery::groups::{ConnectError, ConsumerSpec, MAX_LIMIT, Mode};
 use crate::delivery::hub::{Frame, HubEvent, Start, SubscribeError};
+use crate::metrics::{self, Metrics};
 use crate::model::{ConsumerName, EntryId, GroupName, StreamName};
 
 /// The frame cache slot of a broadcast message's WebSocket encoding.
@@ -58,7 +60,14 @@ async fn upgrade(
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let upgrade = upgrade.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
-    let permit = state.streaming_permit()?;
+    let Ok(permit) = state.streaming_permit() else {
+        // Over the connection cap. A browser never sees an upgrade's HTTP status, only the close
+        // code, so the socket opens and closes at once with 1013 (try again later).
+        return Ok(upgrade.on_upgrade(|socket| async move {
+            let (mut sink, _) = socket.split();
+            close(&mut sink, TRY_AGAIN_LATER, "at capacity, retry in 1 s").await;
+        }));
+    };
     let connection = state.connections.open_websocket();
     let max_message = state.config.limits.max_body_bytes;
     Ok(upgrade
@@ -293,6 +302,10 @@ async fn subscribe(
         return Err(bad(format!("limit must be between 1 and {MAX_LIMIT}")));
     }
     let mut consumer = None;
+    let delivered_mode = match mode {
+        Mode::AtLeastOnce => metrics::mode::AT_LEAST_ONCE,
+        Mode::AtMostOnce => metrics::mode::AT_MOST_ONCE,
+    };
     match &group {
         Some(group) => {
             let start = match request.from.as_deref() {
@@ -321,7 +334,10 @@ async fn subscribe(
                     },
                 )?;
                 consumer = Some(subscription.consumer.clone());
-                subscriptions.insert(topic.clone(), group_messages(subscription));
+                subscriptions.insert(
+                    topic.clone(),
+                    group_messages(subscription, state.metrics.clone(), delivered_mode),
+                );
             }
         }
         None => {
@@ -338,7 +354,10 @@ async fn subscribe(
                             )),
                             SubscribeError::Backend(error) => from_api(error.into()),
                         })?;
-                subscriptions.insert(topic.clone(), broadcast_messages(subscription));
+                subscriptions.insert(
+                    topic.clone(),
+                    broadcast_messages(subscription, state.metrics.clone()),
+                );
             }
         }
     }
@@ -382,23 +401,31 @@ fn broadcast_starts(topics: &[StreamName], from: Option<&str>) -> Result<Vec<Sta
 
 /// A group subscription's messages as frames, then an `error` frame if it ends (the group went
 /// away).
-fn group_messages(subscription: crate::delivery::groups::Subscription) -> Outgoing {
+fn group_messages(
+    subscription: crate::delivery::groups::Subscription,
+    metrics: Arc<Metrics>,
+    mode: &'static str,
+) -> Outgoing {
     let topic = subscription.stream.clone();
     let group = subscription.group.clone();
-    let messages = futures_util::stream::unfold(subscription, |mut subscription| async move {
-        let message = subscription.next().await?;
-        let reference = MessageRef {
-            stream: subscription.stream.clone(),
-            group: Some(subscription.group.clone()),
-            id: message.entry.id,
-        };
-        let frame = message_frame(
-            &subscription.stream,
-            &reference.encode(),
-            &message.entry.body_json(),
-            Some(message.deliveries),
-        );
-        Some((frame, subscription))
+    let messages = futures_util::stream::unfold(subscription, move |mut subscription| {
+        let metrics = metrics.clone();
+        async move {
+            let message = subscription.next().await?;
+            metrics.delivered(metrics::transport::WEBSOCKET, mode, &message.entry);
+            let reference = MessageRef {
+                stream: subscription.stream.clone(),
+                group: Some(subscription.group.clone()),
+                id: message.entry.id,
+            };
+            let frame = message_frame(
+                &subscription.stream,
+                &reference.encode(),
+                &message.entry.body_json(),
+                Some(message.deliveries),
+            );
+            Some((frame, subscription))
+        }
     });
     let ended = futures_util::stream::once(async move {
         error_frame(
@@ -412,27 +439,38 @@ fn group_messages(subscription: crate::delivery::groups::Subscription) -> Outgoi
 
 /// A broadcast subscription's events as frames; a message's frame is encoded once for every
 /// WebSocket subscriber.
-fn broadcast_messages(subscription: crate::delivery::hub::Subscription) -> Outgoing {
-    futures_util::stream::unfold(subscription, |mut subscription| async move {
-        let frame = match subscription.next().await? {
-            HubEvent::Message(frame) => {
-                let bytes = frame.encoded(SLOT_WS, broadcast_frame);
-                // Encoded from valid UTF-8 text, so this does not fail.
-                Utf8Bytes::try_from(bytes).unwrap_or_else(|_| Utf8Bytes::from_static("{}"))
-            }
-            HubEvent::Gap {
-                requested,
-                resumed_from,
-            } => reply(
-                "gap",
-                None,
-                &format!(
-                    r#","topic":{},"requested":"{requested}","resumed_from":"{resumed_from}""#,
-                    json_string(subscription.stream().as_str())
+fn broadcast_messages(
+    subscription: crate::delivery::hub::Subscription,
+    metrics: Arc<Metrics>,
+) -> Outgoing {
+    futures_util::stream::unfold(subscription, move |mut subscription| {
+        let metrics = metrics.clone();
+        async move {
+            let frame = match subscription.next().await? {
+                HubEvent::Message(frame) => {
+                    metrics.delivered(
+                        metrics::transport::WEBSOCKET,
+                        metrics::mode::BROADCAST,
+                        &frame.entry,
+                    );
+                    let bytes = frame.encoded(SLOT_WS, broadcast_frame);
+                    // Encoded from valid UTF-8 text, so this does not fail.
+                    Utf8Bytes::try_from(bytes).unwrap_or_else(|_| Utf8Bytes::from_static("{}"))
+                }
+                HubEvent::Gap {
+                    requested,
+                    resumed_from,
+                } => reply(
+                    "gap",
+                    None,
+                    &format!(
+                        r#","topic":{},"requested":"{requested}","resumed_from":"{resumed_from}""#,
+                        json_string(subscription.stream().as_str())
+                    ),
                 ),
-            ),
-        };
-        Some((frame, subscription))
+            };
+            Some((frame, subscription))
+        }
     })
     .boxed()
 }
@@ -524,14 +562,18 @@ async fn publish(
     let body = Bytes::from(text.clone());
     let request: Publish =
         serde_json::from_slice(&body).map_err(|error| ("invalid_frame", error.to_string()))?;
+    let message = TopicMessage {
+        topic: request.topic,
+        payload: request.payload,
+        ttl: request.ttl,
+    };
     let (topic, outcome) = publish_one(
         state,
         caller,
-        request.topic,
         &body,
-        request.payload,
-        request.ttl,
+        message,
         None,
+        metrics::source::WEBSOCKET,
     )
     .await
     .map_err(from_api)?;

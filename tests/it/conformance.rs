@@ -69,6 +69,7 @@ pub async fn connect(server: &RedisServer) -> RedisBackend {
         connect_retries: 0,
         response_timeout: Duration::from_secs(5),
         connect_timeout: Duration::from_secs(2),
+        tls_ca: None,
     };
     RedisBackend::connect(&options, CancellationToken::new())
         .await

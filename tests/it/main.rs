@@ -41,5 +41,6 @@ mod groups;
 
 mod health;
 mod lifecycle;
+mod ops;
 mod produce;
 mod seed004;

@@ -25,7 +25,7 @@ on_each_backend!(
     long_poll_answers_on_publish_and_is_empty_at_its_timeout,
     long_poll_broadcast_continues_from_its_cursor,
     garbled_message_ids_are_400_and_ack_nothing,
-    websocket_upgrade_over_the_connection_limit_is_503 = "[limits]\nmax_connections = 1\n",
+    websocket_over_the_connection_limit_closes_with_1013 = "[limits]\nmax_connections = 1\n",
 );
 
 type Socket =
@@ -525,23 +525,27 @@ async fn garbled_message_ids_are_400_and_ack_nothing(app: TestApp) {
     );
 }
 
-async fn websocket_upgrade_over_the_connection_limit_is_503(app: TestApp) {
+async fn websocket_over_the_connection_limit_closes_with_1013(app: TestApp) {
     let _first = Ws::connect(&app).await;
-    let mut request = format!("ws://{}/ws", app.address)
-        .into_client_request()
-        .unwrap();
-    request
-        .headers_mut()
-        .insert("authorization", format!("Bearer {TOKEN}").parse().unwrap());
-    match tokio_tungstenite::connect_async(request).await {
-        Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
-            assert_eq!(response.status(), 503);
-            assert_eq!(response.headers()["retry-after"], "1");
+    // A browser sees only close codes, so the socket opens and closes with "try again later".
+    let mut second = Ws::connect(&app).await;
+    let close = tokio::time::timeout(Duration::from_secs(5), second.0.next())
+        .await
+        .expect("closed within 5 s");
+    match close {
+        Some(Ok(Message::Close(Some(frame)))) => {
+            assert_eq!(u16::from(frame.code), 1013);
+            assert!(frame.reason.contains("capacity"), "{}", frame.reason);
         }
-        other => panic!("expected 503, got {other:?}"),
+        other => panic!("expected close 1013, got {other:?}"),
     }
     // SSE and long-polls count against the same limit.
-    problem(app.get("/api/streams/s/events").await, 503).await;
+    let refused = app.get("/api/streams/s/events").await;
+    assert_eq!(refused.headers()["retry-after"], "1");
+    problem(refused, 503).await;
+    let refused = app.get("/api/v1/poll?topics=s&timeout=1").await;
+    assert_eq!(refused.headers()["retry-after"], "1");
+    problem(refused, 503).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -38,6 +38,29 @@ pub struct RedisOptions {
     pub response_timeout: Duration,
     /// Longest wait for a connection to open.
     pub connect_timeout: Duration,
+    /// PEM certificates to trust for `rediss://` instead of the system's roots.
+    pub tls_ca: Option<std::path::PathBuf>,
+}
+
+impl RedisOptions {
+    /// A client for these options (connections open later).
+    pub fn client(&self) -> Result<Client, RedisError> {
+        let Some(path) = &self.tls_ca else {
+            return Client::open(self.url.as_str());
+        };
+        let root_cert = std::fs::read(path).map_err(|error| {
+            RedisError::from((
+                redis::ErrorKind::InvalidClientConfig,
+                "cannot read redis.tls_ca",
+                format!("{}: {error}", path.display()),
+            ))
+        })?;
+        let certificates = redis::TlsCertificates {
+            client_tls: None,
+            root_cert: Some(root_cert),
+        };
+        Client::build_with_tls(self.url.as_str(), certificates)
+    }
 }
 
 /// Idempotent append, atomically: return the remembered ids if the key was seen, else append
@@ -178,7 +201,7 @@ impl RedisBackend {
         options: &RedisOptions,
         shutdown: CancellationToken,
     ) -> Result<RedisBackend, RedisError> {
-        let client = Client::open(options.url.as_str())?;
+        let client = options.client()?;
         let connection_config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(options.connect_timeout))
             .set_response_timeout(Some(options.response_timeout));

@@ -26,13 +26,15 @@ pub const TOKEN: &str = "test-token-0123456789";
 pub enum Backend {
     Embedded,
     Redis(RedisServer),
-    /// A redis-server another test app owns (`redis://host:port`).
+    /// A Redis another test app (or the test) owns: `redis://…` or `rediss://…`.
     RedisAt(String),
 }
 
 /// A running streamgate (in this process) and the backend it uses.
 pub struct TestApp {
     pub address: SocketAddr,
+    /// `https` when the configuration has `[tls]`.
+    pub scheme: &'static str,
     pub client: Client,
     pub redis: Option<RedisServer>,
     shutdown: CancellationToken,
@@ -71,10 +73,7 @@ impl TestApp {
     pub async fn spawn(backend: Backend, extra_toml: &str) -> TestApp {
         let (backend_toml, redis) = match backend {
             Backend::Embedded => ("backend = \"embedded\"\n".to_owned(), None),
-            Backend::RedisAt(url) => {
-                let address = url.trim_start_matches("redis://").to_owned();
-                (format!("redis_address = \"{address}\"\n"), None)
-            }
+            Backend::RedisAt(url) => (format!("redis.url = \"{url}\"\n"), None),
 
             Backend::Redis(redis) => (
                 format!("redis_address = \"{}\"\n", redis.address()),
@@ -85,6 +84,18 @@ impl TestApp {
             "bearer_token = \"{TOKEN}\"\nshutdown_timeout = \"5s\"\n{backend_toml}{extra_toml}\n"
         );
         let (config, config_dir) = config_from_toml(&text);
+        let mut client = Client::builder().no_proxy();
+        if let Some(tls) = &config.tls {
+            // The test certificate is self-signed: trust exactly it.
+            let pem = std::fs::read(&tls.cert).expect("read the test certificate");
+            let certificate = reqwest::Certificate::from_pem(&pem).expect("PEM certificate");
+            client = client.tls_certs_only([certificate]);
+        }
+        let scheme = if config.tls.is_some() {
+            "https"
+        } else {
+            "http"
+        };
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
@@ -98,7 +109,8 @@ impl TestApp {
         });
         let app = TestApp {
             address,
-            client: Client::builder().no_proxy().build().expect("client"),
+            scheme,
+            client: client.build().expect("client"),
             redis,
             shutdown,
             _config_dir: config_dir,
@@ -119,8 +131,20 @@ impl TestApp {
         panic!("streamgate did not come up at {}", self.address);
     }
 
+    /// Waits until the first synthetic probe has finished (it writes the probe stream).
+    pub async fn probed(&self) -> Value {
+        for _ in 0..500 {
+            let health = json(self.get("/health").await).await;
+            if !health["probe"].is_null() {
+                return health["probe"].clone();
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        panic!("no probe finished within 5 s");
+    }
+
     pub fn url(&self, path: &str) -> String {
-        format!("http://{}{}", self.address, path)
+        format!("{}://{}{}", self.scheme, self.address, path)
     }
 
     /// A request with the full-access token.

@@ -14,6 +14,8 @@ pub struct RedisServer {
     pub port: u16,
     child: Option<Child>,
     dir: tempfile::TempDir,
+    /// Arguments after the defaults (a later argument overrides an earlier one).
+    extra_args: Vec<String>,
 }
 
 fn redis_server_binary() -> Option<PathBuf> {
@@ -32,7 +34,7 @@ fn redis_server_binary() -> Option<PathBuf> {
         })
 }
 
-fn free_port() -> u16 {
+pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
         .map(|address| address.port())
@@ -43,6 +45,11 @@ impl RedisServer {
     /// Starts a server, or returns `None` (with a loud message) when `redis-server` is not
     /// installed and Redis tests are not required.
     pub fn start() -> Option<RedisServer> {
+        RedisServer::start_with(&[])
+    }
+
+    /// Like `start`, with more `redis-server` arguments (TLS, durability).
+    pub fn start_with(extra_args: &[String]) -> Option<RedisServer> {
         if redis_server_binary().is_none() {
             if std::env::var_os(REQUIRE_REDIS).is_some() {
                 panic!(
@@ -59,6 +66,7 @@ impl RedisServer {
             port: 0,
             child: None,
             dir: tempfile::tempdir().expect("tempdir"),
+            extra_args: extra_args.to_vec(),
         };
         for _ in 0..5 {
             server.port = free_port();
@@ -76,6 +84,7 @@ impl RedisServer {
             .args(["--port", &self.port.to_string()])
             .args(["--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
             .args(["--dir", &self.dir.path().display().to_string()])
+            .args(&self.extra_args)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
@@ -117,7 +126,7 @@ impl RedisServer {
         format!("127.0.0.1:{}", self.port)
     }
 
-    /// Kills the server (its data is gone: it keeps nothing on disk).
+    /// Kills the server (its data is gone unless it was started with `--appendonly yes`).
     pub fn stop(&mut self) {
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();

@@ -51,6 +51,11 @@ impl SseClient {
         }
     }
 
+    /// Whether the server has ended the stream (as far as has been read).
+    pub fn ended(&self) -> bool {
+        self.ended
+    }
+
     pub fn header(&self, name: &str) -> Option<&str> {
         self.headers.get(name).and_then(|value| value.to_str().ok())
     }
