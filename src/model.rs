@@ -168,7 +168,11 @@ impl EntryId {
         match text.split_once('-') {
             Some(_) => text.parse(),
             None => {
-                let ms = text.parse().map_err(|_| EntryIdError(text.to_owned()))?;
+                let error = || EntryIdError(text.to_owned());
+                if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+                    return Err(error());
+                }
+                let ms = text.parse().map_err(|_| error())?;
                 Ok(EntryId::new(ms, if is_end { u64::MAX } else { 0 }))
             }
         }

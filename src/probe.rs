@@ -34,7 +34,7 @@ const MIN_EXPIRY: Duration = Duration::from_secs(60);
 const TRIGGER_PERIOD: Duration = Duration::from_secs(1);
 
 /// The result of one probe.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Outcome {
     pub ok: bool,
     /// When it finished (Unix milliseconds).
@@ -214,18 +214,29 @@ impl Probe {
         let started = Instant::now();
         let deadline = tokio::time::Instant::now() + shared.settings.timeout;
         let result = tokio::time::timeout_at(deadline, async {
-            if listeners.is_none() {
-                *listeners = Some(self.listen().await?);
+            // A listener also ends when an admin deletes the probe's stream or group (a flush):
+            // that is not a delivery failure, so listen afresh once before failing.
+            let mut retried = false;
+            loop {
+                if listeners.is_none() {
+                    *listeners = Some(self.listen().await?);
+                }
+                let id = self.publish().await?;
+                let listening = listeners
+                    .as_mut()
+                    .unwrap_or_else(|| unreachable!("set above"));
+                match tokio::try_join!(
+                    broadcast_reaches(&mut listening.broadcast, id),
+                    group_reaches(&mut listening.group, id)
+                ) {
+                    Ok(_) => return Ok(started.elapsed()),
+                    Err(ended) if retried => return Err(ended),
+                    Err(_) => {
+                        *listeners = None;
+                        retried = true;
+                    }
+                }
             }
-            let id = self.publish().await?;
-            let listening = listeners
-                .as_mut()
-                .unwrap_or_else(|| unreachable!("set above"));
-            tokio::try_join!(
-                broadcast_reaches(&mut listening.broadcast, id),
-                group_reaches(&mut listening.group, id)
-            )?;
-            Ok(started.elapsed())
         })
         .await
         .unwrap_or_else(|_| {

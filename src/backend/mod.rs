@@ -179,12 +179,13 @@ pub struct ClaimPage {
 }
 
 /// One entry of a group's pending list.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct PendingEntry {
     pub id: EntryId,
     pub consumer: ConsumerName,
     /// Time since it was last delivered (or touched).
     #[serde(rename = "idle_ms", serialize_with = "as_millis")]
+    #[schema(value_type = u64)]
     pub idle: Duration,
     pub deliveries: u64,
 }
@@ -213,12 +214,13 @@ impl PendingQuery {
 }
 
 /// A consumer of a group.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct ConsumerInfo {
     pub name: ConsumerName,
     pub pending: u64,
     /// Time since the consumer last read or claimed.
     #[serde(rename = "idle_ms", serialize_with = "as_millis")]
+    #[schema(value_type = u64)]
     pub idle: Duration,
 }
 
@@ -236,7 +238,7 @@ pub enum Trim {
 }
 
 /// A consumer group as seen by the administration routes.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct GroupInfo {
     pub name: GroupName,
     /// Consumers known to the group (live or not).

@@ -2,19 +2,26 @@
 //! browsing history and listing groups. Stream-restricted admin credentials see only their
 //! streams in listings.
 
+use axum::Json;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use futures_util::{StreamExt, TryStreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use utoipa::openapi::RefOr;
+use utoipa::openapi::schema::{
+    AdditionalProperties, KnownFormat, ObjectBuilder, OneOfBuilder, Schema, SchemaFormat, Type,
+};
+use utoipa::{IntoParams, PartialSchema, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::AppState;
 use super::auth::Caller;
 use super::error::ApiError;
-use super::extract::{ApiQuery, LimitedBody, StreamPath, parse_json};
+use super::extract::{ApiQuery, LimitedBody, StreamPath, parse_json, whole};
+use super::openapi::{Conflicting, Guarded, Invalid, Missing, StreamParam, TooLarge};
 use crate::auth::Scope;
 use crate::backend::{Backend, BackendError, Direction, GroupInfo, RangeQuery, StreamInfo, Trim};
 use crate::model::{Entry, EntryId, StreamName};
@@ -23,38 +30,63 @@ use crate::model::{Entry, EntryId, StreamName};
 const DEFAULT_PAGE: usize = 100;
 const MAX_PAGE: usize = 1000;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/admin/ping", get(ping))
-        .route("/admin/info", get(info))
-        .route("/admin/streams", get(list_streams))
-        .route("/admin/stats", get(stats))
-        .route("/admin/flush", post(flush))
-        .route("/admin/{stream}", get(stream_info))
-        .route(
-            "/api/streams/{stream}",
-            get(stream_info).delete(delete_stream),
-        )
-        .route("/api/streams/{stream}/messages", get(browse))
-        .route("/api/streams/{stream}/trim", post(trim))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(ping))
+        .routes(routes!(info))
+        .routes(routes!(list_streams))
+        .routes(routes!(stats))
+        .routes(routes!(flush))
+        .routes(routes!(admin_stream_info))
+        .routes(routes!(stream_info, delete_stream))
+        .routes(routes!(browse))
+        .routes(routes!(trim))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ListQuery {
-    /// Include streamgate's own streams.
+    /// Include streamgate's own streams (`streamgate:…`: probes, idempotency records).
     #[serde(default)]
     all: bool,
 }
 
-async fn ping(
-    State(state): State<AppState>,
-    caller: Caller,
-) -> Result<impl IntoResponse, ApiError> {
-    caller.require_scope(Scope::Admin)?;
-    state.backend.ping().await?;
-    Ok(Json(serde_json::json!({ "status": "PONG" })))
+/// What an action did.
+#[derive(Serialize, ToSchema)]
+struct Done {
+    #[schema(example = "ok")]
+    status: &'static str,
+    #[schema(example = "deleted")]
+    action: &'static str,
 }
 
+#[derive(Serialize, ToSchema)]
+struct Pong {
+    #[schema(example = "PONG")]
+    status: &'static str,
+}
+
+/// Checks the backend answers.
+#[utoipa::path(
+    get,
+    path = "/admin/ping",
+    tag = "admin",
+    responses((status = 200, description = "The backend answered", body = Pong), Guarded),
+)]
+async fn ping(State(state): State<AppState>, caller: Caller) -> Result<Json<Pong>, ApiError> {
+    caller.require_scope(Scope::Admin)?;
+    state.backend.ping().await?;
+    Ok(Json(Pong { status: "PONG" }))
+}
+
+/// The backend's own report (Redis `INFO`; a summary for the embedded engine). Needs admin
+/// access to every stream.
+#[utoipa::path(
+    get,
+    path = "/admin/info",
+    tag = "admin",
+    responses((status = 200, description = "The report", content_type = "text/plain", body = String), Guarded),
+)]
 async fn info(
     State(state): State<AppState>,
     caller: Caller,
@@ -79,29 +111,54 @@ async fn visible_streams(
         .collect())
 }
 
+#[derive(Serialize, ToSchema)]
+struct StreamList {
+    streams: Vec<StreamName>,
+}
+
+/// The streams the caller may administer, by name.
+#[utoipa::path(
+    get,
+    path = "/admin/streams",
+    tag = "admin",
+    params(ListQuery),
+    responses((status = 200, description = "The names", body = StreamList), Invalid, Guarded),
+)]
 async fn list_streams(
     State(state): State<AppState>,
     caller: Caller,
     ApiQuery(query): ApiQuery<ListQuery>,
-) -> Result<impl IntoResponse, ApiError> {
+) -> Result<Json<StreamList>, ApiError> {
     caller.require_scope(Scope::Admin)?;
     let streams = visible_streams(&state, &caller, query.all).await?;
-    Ok(Json(serde_json::json!({ "streams": streams })))
+    Ok(Json(StreamList { streams }))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct StreamStatsView {
     name: StreamName,
     length: u64,
     groups: Vec<GroupInfo>,
 }
 
-/// Statistics for every visible stream, read a few at a time.
+#[derive(Serialize, ToSchema)]
+struct StatsList {
+    streams: Vec<StreamStatsView>,
+}
+
+/// Length and groups of every stream the caller may administer.
+#[utoipa::path(
+    get,
+    path = "/admin/stats",
+    tag = "admin",
+    params(ListQuery),
+    responses((status = 200, description = "The statistics", body = StatsList), Invalid, Guarded),
+)]
 async fn stats(
     State(state): State<AppState>,
     caller: Caller,
     ApiQuery(query): ApiQuery<ListQuery>,
-) -> Result<impl IntoResponse, ApiError> {
+) -> Result<Json<StatsList>, ApiError> {
     caller.require_scope(Scope::Admin)?;
     let streams = visible_streams(&state, &caller, query.all).await?;
     let stats: Vec<Option<StreamStatsView>> = futures_util::stream::iter(streams)
@@ -124,28 +181,36 @@ async fn stats(
         .try_collect()
         .await?;
     let streams: Vec<StreamStatsView> = stats.into_iter().flatten().collect();
-    Ok(Json(serde_json::json!({ "streams": streams })))
+    Ok(Json(StatsList { streams }))
 }
 
-async fn flush(
-    State(state): State<AppState>,
-    caller: Caller,
-) -> Result<impl IntoResponse, ApiError> {
+/// Deletes every stream (the whole Redis database). Needs admin access to every stream.
+#[utoipa::path(
+    post,
+    path = "/admin/flush",
+    tag = "admin",
+    responses((status = 200, description = "Everything is gone", body = Done), Guarded),
+)]
+async fn flush(State(state): State<AppState>, caller: Caller) -> Result<Json<Done>, ApiError> {
     caller.require_everywhere(Scope::Admin)?;
     state.backend.flush().await?;
     tracing::warn!(by = %caller.0.name, "flushed every stream");
-    Ok(Json(
-        serde_json::json!({ "status": "ok", "action": "flushed" }),
-    ))
+    Ok(Json(Done {
+        status: "ok",
+        action: "flushed",
+    }))
 }
 
 /// A message as shown by the inspection routes.
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct MessageView {
     id: EntryId,
+    /// The payload.
+    #[schema(value_type = serde_json::Value)]
     body: Box<RawValue>,
     /// Fields beside `data` (a dead letter's origin, another client's extra fields).
     #[serde(skip_serializing_if = "serde_json::Map::is_empty")]
+    #[schema(value_type = std::collections::HashMap<String, String>)]
     fields: serde_json::Map<String, serde_json::Value>,
 }
 
@@ -168,7 +233,7 @@ impl MessageView {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct StreamInfoView {
     name: StreamName,
     length: u64,
@@ -179,11 +244,19 @@ struct StreamInfoView {
     groups: Vec<GroupInfo>,
 }
 
+/// One stream: length, first and last entries, groups.
+#[utoipa::path(
+    get,
+    path = "/api/streams/{stream}",
+    tag = "admin",
+    params(StreamParam),
+    responses((status = 200, description = "The stream", body = StreamInfoView), Invalid, Missing, Conflicting, Guarded),
+)]
 async fn stream_info(
     State(state): State<AppState>,
     caller: Caller,
     StreamPath(stream): StreamPath,
-) -> Result<impl IntoResponse, ApiError> {
+) -> Result<Json<StreamInfoView>, ApiError> {
     caller.require(Scope::Admin, &stream)?;
     let StreamInfo {
         length,
@@ -204,16 +277,41 @@ async fn stream_info(
     }))
 }
 
-#[derive(Deserialize)]
+/// Seed 000's name for the same.
+#[utoipa::path(
+    get,
+    path = "/admin/{stream}",
+    tag = "admin",
+    params(StreamParam),
+    responses((status = 200, description = "The stream", body = StreamInfoView), Invalid, Missing, Conflicting, Guarded),
+)]
+async fn admin_stream_info(
+    state: State<AppState>,
+    caller: Caller,
+    stream: StreamPath,
+) -> Result<Json<StreamInfoView>, ApiError> {
+    stream_info(state, caller, stream).await
+}
+
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct BrowseQuery {
+    /// Where reading starts (inclusive): an id, milliseconds alone, or `-`/`+`. The oldest entry
+    /// by default (the newest with `reverse`); empty is the default too.
+    #[param(pattern = "^([-+]|[0-9]{1,19}(-[0-9]{1,19})?)?$")]
     from: Option<String>,
+    /// Where reading stops (inclusive), as `from`.
+    #[param(pattern = "^([-+]|[0-9]{1,19}(-[0-9]{1,19})?)?$")]
     to: Option<String>,
+    /// Entries per page, 1–1000 (default 100).
+    #[param(minimum = 1)]
     count: Option<usize>,
+    /// Newest first.
     #[serde(default)]
     reverse: bool,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct Page {
     stream: StreamName,
     messages: Vec<MessageView>,
@@ -233,12 +331,19 @@ fn bound(text: Option<&str>, is_end: bool, default: EntryId) -> Result<EntryId, 
 }
 
 /// History, oldest first (or newest first with `reverse=true`), `count` at a time.
+#[utoipa::path(
+    get,
+    path = "/api/streams/{stream}/messages",
+    tag = "admin",
+    params(StreamParam, BrowseQuery),
+    responses((status = 200, description = "One page", body = Page), Invalid, Missing, Conflicting, Guarded),
+)]
 async fn browse(
     State(state): State<AppState>,
     caller: Caller,
     StreamPath(stream): StreamPath,
     ApiQuery(query): ApiQuery<BrowseQuery>,
-) -> Result<impl IntoResponse, ApiError> {
+) -> Result<Json<Page>, ApiError> {
     caller.require(Scope::Admin, &stream)?;
     let count = query.count.unwrap_or(DEFAULT_PAGE);
     if count == 0 {
@@ -280,34 +385,94 @@ async fn browse(
     }))
 }
 
+/// Deletes a stream with its groups.
+#[utoipa::path(
+    delete,
+    path = "/api/streams/{stream}",
+    tag = "admin",
+    params(StreamParam),
+    responses((status = 200, description = "Deleted", body = Done), Invalid, Missing, Conflicting, Guarded),
+)]
 async fn delete_stream(
     State(state): State<AppState>,
     caller: Caller,
     StreamPath(stream): StreamPath,
-) -> Result<impl IntoResponse, ApiError> {
+) -> Result<Json<Done>, ApiError> {
     caller.require(Scope::Admin, &stream)?;
     match state.backend.delete_stream(&stream).await? {
-        true => Ok(Json(
-            serde_json::json!({ "status": "ok", "action": "deleted" }),
-        )),
+        true => Ok(Json(Done {
+            status: "ok",
+            action: "deleted",
+        })),
         false => Err(ApiError::NotFound("stream not found".into())),
     }
 }
 
+/// Exactly one of the two (a `null` counts as absent).
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct TrimBody {
+    /// Keep the newest this many entries.
+    #[serde(default, deserialize_with = "whole")]
     max_len: Option<u64>,
+    /// Remove the entries older than this id.
     min_id: Option<String>,
 }
 
+/// A derived schema cannot say "exactly one of": this is `oneOf` the two shapes.
+impl PartialSchema for TrimBody {
+    fn schema() -> RefOr<Schema> {
+        let max_len = ObjectBuilder::new()
+            .schema_type(Type::Integer)
+            .format(Some(SchemaFormat::KnownFormat(KnownFormat::Int64)))
+            .minimum(Some(0))
+            .description(Some("Keep the newest this many entries"));
+        let min_id = ObjectBuilder::new()
+            .schema_type(Type::String)
+            .pattern(Some("^[0-9]{1,19}(-[0-9]{1,19})?$"))
+            .description(Some(
+                "Remove the entries older than this id (milliseconds alone mean `<ms>-0`)",
+            ));
+        let only = |name: &str, schema: ObjectBuilder, other: &str| {
+            ObjectBuilder::new()
+                .property(name, schema)
+                .required(name)
+                .property(other, ObjectBuilder::new().schema_type(Type::Null))
+                .additional_properties(Some(AdditionalProperties::FreeForm(false)))
+        };
+        OneOfBuilder::new()
+            .item(only("max_len", max_len, "min_id"))
+            .item(only("min_id", min_id, "max_len"))
+            .into()
+    }
+}
+
+impl ToSchema for TrimBody {}
+
+#[derive(Serialize, ToSchema)]
+struct Trimmed {
+    #[schema(example = "ok")]
+    status: &'static str,
+    stream: StreamName,
+    /// Entries removed.
+    trimmed: u64,
+}
+
 /// Trims exactly: `{"max_len": N}` keeps the newest N, `{"min_id": id}` removes older entries.
+#[utoipa::path(
+    post,
+    path = "/api/streams/{stream}/trim",
+    tag = "admin",
+    params(StreamParam),
+    request_body = TrimBody,
+    responses((status = 200, description = "Trimmed", body = Trimmed), Invalid, Missing, TooLarge, Conflicting, Guarded),
+)]
 async fn trim(
     State(state): State<AppState>,
     caller: Caller,
     StreamPath(stream): StreamPath,
     LimitedBody(body): LimitedBody,
-) -> Result<impl IntoResponse, ApiError> {
+) -> Result<Json<Trimmed>, ApiError> {
     caller.require(Scope::Admin, &stream)?;
     let request: TrimBody = parse_json(&body)?;
     let trim = match (request.max_len, request.min_id) {
@@ -325,7 +490,9 @@ async fn trim(
     // Trimming a missing stream is a 404, not a silent zero.
     state.backend.stream_stats(&stream).await?;
     let trimmed = state.backend.trim(&stream, trim).await?;
-    Ok(Json(
-        serde_json::json!({ "status": "ok", "stream": stream, "trimmed": trimmed }),
-    ))
+    Ok(Json(Trimmed {
+        status: "ok",
+        stream,
+        trimmed,
+    }))
 }

@@ -7,18 +7,19 @@
 //! sends the header while its URL keeps the original `from`. With one stream the SSE `id:` is the
 //! entry id; with several it is a cursor covering all of them.
 
-use axum::Router;
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
-use axum::routing::get;
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::StreamExt;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::AppState;
 use super::auth::Caller;
 use super::error::ApiError;
 use super::extract::{QueryPairs, StreamPath, stream_name};
+use super::openapi::{Conflicting, Guarded, Invalid, SseEvent, StreamParam};
 use super::sse::{self, json_string};
 use crate::auth::Scope;
 use std::sync::Arc;
@@ -35,12 +36,32 @@ const SLOT_SSE_DATA: usize = 1;
 /// Most streams on one connection.
 const MAX_STREAMS: usize = 64;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/api/streams/{stream}/events", get(stream_events))
-        .route("/sse/connect", get(channel_events))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(stream_events))
+        .routes(routes!(channel_events))
 }
 
+/// Broadcast Server-Sent Events: every subscriber sees every message, each
+/// `id: <entry id>` / `data: {"id","body","stream"}`. Starts at new messages unless resuming
+/// (`Last-Event-ID`, `lastEventId`) or `from` says otherwise; a resume older than the retained
+/// history gets an `event: gap` first.
+#[utoipa::path(
+    get,
+    path = "/api/streams/{stream}/events",
+    tag = "consume",
+    security(("bearer" = []), ("query_token" = [])),
+    params(
+        StreamParam,
+        ("from" = Option<String>, Query, pattern = "^(0|\\$|[0-9]{1,19}(-[0-9]{1,19})?)$", description = "`0` (the retained history), `$` (new messages, the default) or an id to start after"),
+        ("lastEventId" = Option<String>, Query, description = "Resume after this id (the header wins)"),
+        ("Last-Event-ID" = Option<String>, Header, description = "Resume after this id (browsers send it when they reconnect)"),
+    ),
+    responses(
+        (status = 200, description = "The event stream", content_type = "text/event-stream", body = SseEvent),
+        Invalid, Conflicting, Guarded,
+    ),
+)]
 async fn stream_events(
     State(state): State<AppState>,
     caller: Caller,
@@ -51,6 +72,23 @@ async fn stream_events(
     serve(state, caller, vec![stream], &headers, &query).await
 }
 
+/// Seed 002's broadcast: the channel's stream is `broadcast.channel_prefix` + `channel_id`.
+#[utoipa::path(
+    get,
+    path = "/sse/connect",
+    tag = "consume",
+    security(("bearer" = []), ("query_token" = [])),
+    params(
+        ("channel_id" = StreamName, Query, description = "The channel"),
+        ("from" = Option<String>, Query, pattern = "^(0|\\$|[0-9]{1,19}(-[0-9]{1,19})?)$", description = "As for `/api/streams/{stream}/events`"),
+        ("lastEventId" = Option<String>, Query, description = "Resume after this id (the header wins)"),
+        ("Last-Event-ID" = Option<String>, Header, description = "Resume after this id"),
+    ),
+    responses(
+        (status = 200, description = "The event stream", content_type = "text/event-stream", body = SseEvent),
+        Invalid, Conflicting, Guarded,
+    ),
+)]
 async fn channel_events(
     State(state): State<AppState>,
     caller: Caller,
@@ -59,6 +97,7 @@ async fn channel_events(
 ) -> Result<Response, ApiError> {
     let channel = query
         .one("channel_id")?
+        .filter(|channel| !channel.is_empty())
         .ok_or_else(|| ApiError::BadRequest("`channel_id` is required".into()))?;
     let stream = stream_name(format!(
         "{}{channel}",

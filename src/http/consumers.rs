@@ -1,40 +1,33 @@
 //! Controlling consumer groups: flow-control limits and status (seed 000), finishing messages
 //! (seed 000's route by id and the explicit routes that work from any instance), nack and touch.
 
+use axum::Json;
 use axum::extract::State;
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::AppState;
 use super::auth::Caller;
 use super::error::ApiError;
-use super::extract::{ApiPath, LimitedBody, parse_json, stream_name};
+use super::extract::{ApiPath, LimitedBody, parse_json, stream_name, whole_required};
+use super::openapi::{
+    Conflicting, ConsumerParams, EntryIdParam, GroupParams, Guarded, Invalid, Missing, TooLarge,
+};
 use crate::auth::Scope;
 use crate::delivery::groups::MAX_LIMIT;
 use crate::model::{ConsumerName, EntryId, GroupName, StreamName};
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/api/consumers/{stream}/{group}", get(status))
-        .route("/api/consumers/{stream}/{group}/limit", post(set_limit))
-        .route("/api/messages/{id}/finish", post(finish_delivered))
-        .route(
-            "/api/streams/{stream}/groups/{group}/consumers/{consumer}/messages/{id}/finish",
-            post(finish_one),
-        )
-        .route(
-            "/api/streams/{stream}/groups/{group}/consumers/{consumer}/finish",
-            post(finish_many),
-        )
-        .route(
-            "/api/streams/{stream}/groups/{group}/messages/{id}/nack",
-            post(nack),
-        )
-        .route(
-            "/api/streams/{stream}/groups/{group}/messages/{id}/touch",
-            post(touch),
-        )
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(status))
+        .routes(routes!(set_limit))
+        .routes(routes!(finish_delivered))
+        .routes(routes!(finish_one))
+        .routes(routes!(finish_many))
+        .routes(routes!(nack))
+        .routes(routes!(touch))
 }
 
 #[derive(Deserialize)]
@@ -96,15 +89,29 @@ fn target(
     Ok((stream, group_name(group)?))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct Status {
     stream: StreamName,
     group: GroupName,
+    /// Consumers of the group connected to this instance.
     consumers: usize,
+    /// Messages delivered to them since each connected.
     messages: u64,
+    /// Of those, how many were finished.
     finished: u64,
 }
 
+/// The group's consumers on this instance (seed 000).
+#[utoipa::path(
+    get,
+    path = "/api/consumers/{stream}/{group}",
+    tag = "groups",
+    params(GroupParams),
+    responses(
+        (status = 200, description = "Their status", body = Status),
+        Invalid, Missing, Conflicting, Guarded,
+    ),
+)]
 async fn status(
     State(state): State<AppState>,
     caller: Caller,
@@ -125,18 +132,32 @@ async fn status(
     }))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct LimitBody {
+    /// Most messages in flight per consumer.
+    #[schema(minimum = 1, maximum = 10_000)]
+    #[serde(deserialize_with = "whole_required")]
     count: i64,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct LimitSet {
+    #[schema(example = "ok")]
     status: &'static str,
+    /// Connected consumers it was applied to (later ones get it too).
     consumers: usize,
 }
 
+/// Sets how many messages each consumer of the group may hold unfinished (seed 000).
+#[utoipa::path(
+    post,
+    path = "/api/consumers/{stream}/{group}/limit",
+    tag = "groups",
+    params(GroupParams),
+    request_body = LimitBody,
+    responses((status = 200, description = "Applied", body = LimitSet), Invalid, TooLarge, Conflicting, Guarded),
+)]
 async fn set_limit(
     State(state): State<AppState>,
     caller: Caller,
@@ -156,9 +177,11 @@ async fn set_limit(
     }))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct Done {
+    #[schema(example = "ok")]
     status: &'static str,
+    #[schema(example = "finished")]
     action: &'static str,
 }
 
@@ -167,7 +190,18 @@ const FINISHED: Done = Done {
     action: "finished",
 };
 
-/// Seed 000's finish: the id alone, resolved through this instance's record of deliveries.
+/// Seed 000's finish: the id alone, resolved through this instance's record of deliveries
+/// (use the explicit route from another instance).
+#[utoipa::path(
+    post,
+    path = "/api/messages/{id}/finish",
+    tag = "groups",
+    params(EntryIdParam),
+    responses(
+        (status = 200, description = "Finished", body = Done),
+        Missing, Guarded,
+    ),
+)]
 async fn finish_delivered(
     State(state): State<AppState>,
     caller: Caller,
@@ -196,6 +230,14 @@ async fn finish_delivered(
     Ok(Json(FINISHED))
 }
 
+/// Finishes (acknowledges) one message; works from any instance.
+#[utoipa::path(
+    post,
+    path = "/api/streams/{stream}/groups/{group}/consumers/{consumer}/messages/{id}/finish",
+    tag = "groups",
+    params(ConsumerParams, EntryIdParam),
+    responses((status = 200, description = "Finished", body = Done), Invalid, Missing, Conflicting, Guarded),
+)]
 async fn finish_one(
     State(state): State<AppState>,
     caller: Caller,
@@ -214,13 +256,14 @@ async fn finish_one(
     }
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct FinishMany {
+    /// Entry ids (ids that are not are counted as `invalid`).
     message_ids: Vec<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct FinishedMany {
     status: &'static str,
     action: &'static str,
@@ -234,6 +277,15 @@ struct FinishedMany {
     invalid: usize,
 }
 
+/// Finishes several messages at once; reports what happened to each kind of id.
+#[utoipa::path(
+    post,
+    path = "/api/streams/{stream}/groups/{group}/consumers/{consumer}/finish",
+    tag = "groups",
+    params(ConsumerParams),
+    request_body = FinishMany,
+    responses((status = 200, description = "Counts", body = FinishedMany), Invalid, TooLarge, Conflicting, Guarded),
+)]
 async fn finish_many(
     State(state): State<AppState>,
     caller: Caller,
@@ -265,6 +317,14 @@ async fn finish_many(
     }))
 }
 
+/// Gives a message back: it is redelivered at once (to any consumer of the group).
+#[utoipa::path(
+    post,
+    path = "/api/streams/{stream}/groups/{group}/messages/{id}/nack",
+    tag = "groups",
+    params(GroupParams, EntryIdParam),
+    responses((status = 200, description = "Nacked", body = Done), Invalid, Missing, Conflicting, Guarded),
+)]
 async fn nack(
     State(state): State<AppState>,
     caller: Caller,
@@ -281,6 +341,14 @@ async fn nack(
     }))
 }
 
+/// Holds on to a message: restarts its visibility timeout.
+#[utoipa::path(
+    post,
+    path = "/api/streams/{stream}/groups/{group}/messages/{id}/touch",
+    tag = "groups",
+    params(GroupParams, EntryIdParam),
+    responses((status = 200, description = "Touched", body = Done), Invalid, Missing, Conflicting, Guarded),
+)]
 async fn touch(
     State(state): State<AppState>,
     caller: Caller,

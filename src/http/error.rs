@@ -127,14 +127,20 @@ impl From<BackendError> for ApiError {
     }
 }
 
-/// An RFC 9457 problem document.
-#[derive(Debug, Serialize)]
+/// An RFC 9457 problem document (`application/problem+json`).
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Problem {
+    /// `urn:streamgate:problem:{slug}`, one slug per kind of problem.
     #[serde(rename = "type")]
+    #[schema(example = "urn:streamgate:problem:bad-request")]
     pub kind: String,
+    /// The status's reason phrase.
+    #[schema(example = "Bad Request")]
     pub title: &'static str,
     pub status: u16,
+    /// What went wrong, for a person to read.
     pub detail: String,
+    /// The request's correlation id (also in the `X-Correlation-ID` header and the server log).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub correlation_id: Option<String>,
 }

@@ -2,12 +2,12 @@
 //! group, receiving messages up to its `limit` in flight until it finishes them; without it, a
 //! broadcast subscription (see [`super::broadcast`]).
 
-use axum::Router;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::response::Response;
-use axum::routing::get;
 use bytes::Bytes;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::AppState;
 use super::auth::Caller;
@@ -15,6 +15,7 @@ use super::broadcast;
 use super::error::ApiError;
 use super::extract::{QueryPairs, stream_name};
 use super::groups::parse_start;
+use super::openapi::{Conflicting, Guarded, Invalid, SseEvent};
 use super::sse::{self, json_string};
 use crate::auth::Scope;
 use crate::backend::GroupStart;
@@ -22,18 +23,69 @@ use crate::delivery::groups::{
     ConnectError, ConsumerSpec, GroupMessage, MAX_LIMIT, Mode, Subscription,
 };
 use crate::metrics;
-use crate::model::{ConsumerName, EntryId, GroupName};
+use crate::model::{ConsumerName, EntryId, GroupName, StreamName};
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/api/events", get(events))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(events))
 }
 
+/// Server-Sent Events. With `group`: this connection is one consumer of the group (created at
+/// `from` if new) and receives messages up to `limit` unfinished, each
+/// `data: {"id","body","stream","group","consumer","deliveries"}`; finish them with the finish
+/// routes. Without `group`: a broadcast subscription to `stream` (or several), as
+/// `/api/streams/{stream}/events`.
+#[utoipa::path(
+    get,
+    path = "/api/events",
+    tag = "consume",
+    security(("bearer" = []), ("query_token" = [])),
+    params(
+        ("stream" = Option<StreamName>, Query, description = "The stream (repeatable without `group`)"),
+        ("streams" = Option<String>, Query, description = "Without `group`: several streams, comma-separated"),
+        ("group" = Option<GroupName>, Query, description = "The consumer group; absent = broadcast"),
+        ("consumer" = Option<ConsumerName>, Query, description = "This consumer's name (generated when absent; a named consumer gets back its unfinished messages first)"),
+        ("limit" = Option<u32>, Query, minimum = 1, maximum = 10000, description = "Most messages unfinished at once (the group's default when absent)"),
+        ("mode" = Option<String>, Query, pattern = "^(at-least-once|at-most-once)$", description = "`at-least-once` (default: finish each message) or `at-most-once` (nothing pending)"),
+        ("from" = Option<String>, Query, pattern = "^(0|\\$|[0-9]{1,19}(-[0-9]{1,19})?)$", description = "Where a new group starts: `0` (default), `$` or an id; for broadcast, where to start (`0`, `$` = default, or an id)"),
+        ("lastEventId" = Option<String>, Query, description = "Broadcast: resume after this id or cursor (the `Last-Event-ID` header wins)"),
+        ("Last-Event-ID" = Option<String>, Header, description = "Broadcast: resume after this id or cursor"),
+    ),
+    responses(
+        (
+            status = 200,
+            description = "The event stream (`retry:`, then `id:`/`data:` frames and keep-alive comments)",
+            content_type = "text/event-stream",
+            body = SseEvent,
+            headers(("X-Consumer" = String, description = "Group consumers: the consumer's name")),
+        ),
+        Invalid, Conflicting, Guarded,
+    ),
+)]
 async fn events(
     State(state): State<AppState>,
     caller: Caller,
     headers: HeaderMap,
     query: QueryPairs,
 ) -> Result<Response, ApiError> {
+    // The group's own parameters are checked without a group too: a bad one is a 400, not
+    // silently ignored.
+    let consumer = query
+        .one("consumer")?
+        .map(|name| {
+            ConsumerName::parse(name)
+                .map_err(|error| ApiError::BadRequest(format!("invalid consumer name: {error}")))
+        })
+        .transpose()?;
+    let limit = query.parsed("limit", |text| {
+        text.parse::<u32>()
+            .ok()
+            .filter(|limit| (1..=MAX_LIMIT).contains(limit))
+    })?;
+    let mode = query.parsed("mode", |text| match text {
+        "at-least-once" => Some(Mode::AtLeastOnce),
+        "at-most-once" => Some(Mode::AtMostOnce),
+        _ => None,
+    })?;
     let Some(group) = query.one("group")? else {
         // Without a group every subscriber sees every message.
         let streams = broadcast::requested_streams(&query)?;
@@ -47,26 +99,9 @@ async fn events(
     caller.require(Scope::Consume, &stream)?;
     let group = GroupName::parse(group)
         .map_err(|error| ApiError::BadRequest(format!("invalid group name: {error}")))?;
-    let consumer = query
-        .one("consumer")?
-        .map(|name| {
-            ConsumerName::parse(name)
-                .map_err(|error| ApiError::BadRequest(format!("invalid consumer name: {error}")))
-        })
-        .transpose()?;
-    let limit = query.parsed("limit", |text| {
-        text.parse::<u32>()
-            .ok()
-            .filter(|limit| (1..=MAX_LIMIT).contains(limit))
-    })?;
     let start = query
         .parsed("from", parse_start)?
         .unwrap_or(GroupStart::After(EntryId::MIN));
-    let mode = query.parsed("mode", |text| match text {
-        "at-least-once" => Some(Mode::AtLeastOnce),
-        "at-most-once" => Some(Mode::AtMostOnce),
-        _ => None,
-    })?;
     let spec_mode = mode.unwrap_or(Mode::AtLeastOnce);
     let spec = ConsumerSpec {
         stream,

@@ -45,12 +45,21 @@ impl FromRequest<AppState> for LimitedBody {
     }
 }
 
-/// Parses a JSON body, naming the problem when it is malformed.
+/// Parses a JSON body, naming the problem when it is malformed. Every body is an object: an array
+/// is refused here, because serde would otherwise fill a struct's fields from it in order.
 pub fn parse_json<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, ApiError> {
-    if body.iter().all(u8::is_ascii_whitespace) {
-        return Err(ApiError::BadRequest(
-            "the request body is empty; a JSON object is expected".into(),
-        ));
+    match body.iter().find(|byte| !byte.is_ascii_whitespace()) {
+        None => {
+            return Err(ApiError::BadRequest(
+                "the request body is empty; a JSON object is expected".into(),
+            ));
+        }
+        Some(b'[') => {
+            return Err(ApiError::BadRequest(
+                "the request body is an array; a JSON object is expected".into(),
+            ));
+        }
+        Some(_) => {}
     }
     serde_json::from_slice(body)
         .map_err(|error| ApiError::BadRequest(format!("invalid JSON body: {error}")))
@@ -159,4 +168,40 @@ impl<T: DeserializeOwned + Send, S: Send + Sync> FromRequestParts<S> for ApiPath
             .map(|Path(value)| ApiPath(value))
             .map_err(|rejection| ApiError::BadRequest(rejection.body_text()))
     }
+}
+
+/// Whole numbers in JSON bodies, for `#[serde(default, deserialize_with = "whole")]` on an
+/// `Option` of an integer. JSON Schema counts `780.0` as the integer 780 and so do we (serde alone
+/// refuses it); values beyond a signed 64-bit integer are refused, as Redis would refuse them.
+pub fn whole<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: TryFrom<i64>,
+{
+    use serde::de::Error;
+    let Some(number) = Option::<serde_json::Number>::deserialize(deserializer)? else {
+        return Ok(None);
+    };
+    // 2^63 is exact in an f64; every integral f64 below it converts exactly.
+    const LIMIT: f64 = 9_223_372_036_854_775_808.0;
+    let integer = number.as_i64().or_else(|| {
+        number
+            .as_f64()
+            .filter(|value| value.fract() == 0.0 && (-LIMIT..LIMIT).contains(value))
+            .map(|value| value as i64)
+    });
+    integer
+        .and_then(|value| T::try_from(value).ok())
+        .map(Some)
+        .ok_or_else(|| D::Error::custom(format!("{number} is not a whole number in range")))
+}
+
+/// [`whole`] for a required field.
+pub fn whole_required<'de, D, T>(deserializer: D) -> Result<T, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: TryFrom<i64>,
+{
+    use serde::de::Error;
+    whole(deserializer)?.ok_or_else(|| D::Error::custom("expected a whole number, got null"))
 }

@@ -1,16 +1,19 @@
 //! Administering consumer groups (admin scope): list, create, delete, reposition, and inspect
 //! who holds what (pending entries, consumers).
 
+use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
-use axum::routing::{get, post, put};
-use axum::{Json, Router};
 use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::AppState;
 use super::auth::Caller;
 use super::error::ApiError;
 use super::extract::{ApiPath, ApiQuery, LimitedBody, StreamPath, parse_json, stream_name};
+use super::openapi::{Conflicting, GroupParams, Guarded, Invalid, Missing, StreamParam, TooLarge};
 use crate::auth::Scope;
 use crate::backend::{Backend, ConsumerInfo, GroupInfo, GroupStart, PendingEntry, PendingQuery};
 use crate::model::{ConsumerName, EntryId, GroupName, StreamName};
@@ -18,22 +21,13 @@ use crate::model::{ConsumerName, EntryId, GroupName, StreamName};
 /// Most pending entries listed at once.
 const MAX_PENDING: usize = 1000;
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/api/streams/{stream}/groups", get(list))
-        .route(
-            "/api/streams/{stream}/groups/{group}",
-            put(create).delete(destroy),
-        )
-        .route(
-            "/api/streams/{stream}/groups/{group}/position",
-            post(reposition),
-        )
-        .route("/api/streams/{stream}/groups/{group}/pending", get(pending))
-        .route(
-            "/api/streams/{stream}/groups/{group}/consumers",
-            get(consumers),
-        )
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list))
+        .routes(routes!(create, destroy))
+        .routes(routes!(reposition))
+        .routes(routes!(pending))
+        .routes(routes!(consumers))
 }
 
 #[derive(Deserialize)]
@@ -62,17 +56,22 @@ pub fn parse_start(text: &str) -> Option<GroupStart> {
     }
 }
 
-#[derive(Deserialize, Default)]
+/// Where a group starts (reading after it).
+#[derive(Deserialize, Default, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct PositionBody {
+    /// `0` (the beginning, the default), `$` (the end: only new entries) or an entry id
+    /// (milliseconds alone mean `<ms>-0`).
+    #[schema(example = "$", pattern = "^(0|\\$|[0-9]{1,19}(-[0-9]{1,19})?)$")]
     from: Option<String>,
 }
 
 fn start_from(body: &[u8]) -> Result<GroupStart, ApiError> {
+    // No body and a JSON `null` both mean the default.
     let position: PositionBody = if body.iter().all(u8::is_ascii_whitespace) {
         PositionBody::default()
     } else {
-        parse_json(body)?
+        parse_json::<Option<PositionBody>>(body)?.unwrap_or_default()
     };
     match position.from.as_deref() {
         None => Ok(GroupStart::After(EntryId::MIN)),
@@ -82,9 +81,11 @@ fn start_from(body: &[u8]) -> Result<GroupStart, ApiError> {
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct Done {
+    #[schema(example = "ok")]
     status: &'static str,
+    #[schema(example = "created")]
     action: &'static str,
 }
 
@@ -95,12 +96,20 @@ fn done(action: &'static str) -> Json<Done> {
     })
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct Groups {
     stream: StreamName,
     groups: Vec<GroupInfo>,
 }
 
+/// The stream's consumer groups.
+#[utoipa::path(
+    get,
+    path = "/api/streams/{stream}/groups",
+    tag = "groups",
+    params(StreamParam),
+    responses((status = 200, description = "The groups", body = Groups), Invalid, Missing, Conflicting, Guarded),
+)]
 async fn list(
     State(state): State<AppState>,
     caller: Caller,
@@ -115,6 +124,18 @@ async fn list(
 }
 
 /// Creates a group (and its stream) at `from` (default `0`): 201, or 200 if it existed.
+#[utoipa::path(
+    put,
+    path = "/api/streams/{stream}/groups/{group}",
+    tag = "groups",
+    params(GroupParams),
+    request_body(content = Option<PositionBody>, description = "Optional; the default starts at the beginning"),
+    responses(
+        (status = 201, description = "Created", body = Done),
+        (status = 200, description = "It existed already (unchanged)", body = Done),
+        Invalid, Conflicting, TooLarge, Guarded,
+    ),
+)]
 async fn create(
     State(state): State<AppState>,
     caller: Caller,
@@ -131,6 +152,14 @@ async fn create(
     )
 }
 
+/// Deletes a group with its pending list.
+#[utoipa::path(
+    delete,
+    path = "/api/streams/{stream}/groups/{group}",
+    tag = "groups",
+    params(GroupParams),
+    responses((status = 200, description = "Deleted", body = Done), Invalid, Missing, Conflicting, Guarded),
+)]
 async fn destroy(
     State(state): State<AppState>,
     caller: Caller,
@@ -144,6 +173,14 @@ async fn destroy(
 }
 
 /// Moves the group's last-delivered id (`{"from": "0" | "$" | id}`); pending entries stay.
+#[utoipa::path(
+    post,
+    path = "/api/streams/{stream}/groups/{group}/position",
+    tag = "groups",
+    params(GroupParams),
+    request_body(content = Option<PositionBody>, description = "Optional; the default is the beginning"),
+    responses((status = 200, description = "Moved", body = Done), Invalid, Missing, Conflicting, TooLarge, Guarded),
+)]
 async fn reposition(
     State(state): State<AppState>,
     caller: Caller,
@@ -159,14 +196,20 @@ async fn reposition(
     Ok(done("repositioned"))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct PendingFilter {
+    /// At most this many, 1–1000 (default 100).
+    #[param(minimum = 1)]
     count: Option<usize>,
+    /// Only this consumer's.
+    #[param(value_type = Option<ConsumerName>)]
     consumer: Option<String>,
+    /// Only entries idle at least this long.
     min_idle_ms: Option<u64>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct Pending {
     stream: StreamName,
     group: GroupName,
@@ -174,6 +217,13 @@ struct Pending {
 }
 
 /// Who holds what: pending entries, oldest first, with owner, idle time and delivery count.
+#[utoipa::path(
+    get,
+    path = "/api/streams/{stream}/groups/{group}/pending",
+    tag = "groups",
+    params(GroupParams, PendingFilter),
+    responses((status = 200, description = "The pending entries", body = Pending), Invalid, Missing, Conflicting, Guarded),
+)]
 async fn pending(
     State(state): State<AppState>,
     caller: Caller,
@@ -190,7 +240,16 @@ async fn pending(
         .transpose()?;
     let query = PendingQuery {
         consumer,
-        min_idle: filter.min_idle_ms.map(std::time::Duration::from_millis),
+        min_idle: filter
+            .min_idle_ms
+            .map(|ms| match i64::try_from(ms) {
+                Ok(_) => Ok(std::time::Duration::from_millis(ms)),
+                Err(_) => Err(ApiError::BadRequest(format!(
+                    "`min_idle_ms` must be at most {}",
+                    i64::MAX
+                ))),
+            })
+            .transpose()?,
         ..PendingQuery::all(filter.count.unwrap_or(100).clamp(1, MAX_PENDING))
     };
     let pending = state.backend.pending(&stream, &group, query).await?;
@@ -201,13 +260,21 @@ async fn pending(
     }))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct Consumers {
     stream: StreamName,
     group: GroupName,
     consumers: Vec<ConsumerInfo>,
 }
 
+/// The group's consumers (connected or not) with their pending counts and idle times.
+#[utoipa::path(
+    get,
+    path = "/api/streams/{stream}/groups/{group}/consumers",
+    tag = "groups",
+    params(GroupParams),
+    responses((status = 200, description = "The consumers", body = Consumers), Invalid, Missing, Conflicting, Guarded),
+)]
 async fn consumers(
     State(state): State<AppState>,
     caller: Caller,

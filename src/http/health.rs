@@ -5,16 +5,19 @@
 
 use std::time::{Duration, Instant};
 
+use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use serde::Serialize;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::AppState;
 use super::auth::Caller;
-use super::error::{ApiError, problem_response};
+use super::error::{ApiError, Problem, problem_response};
+use super::openapi::Guarded;
 use crate::auth::Scope;
 use crate::backend::Backend;
 use crate::probe::Outcome;
@@ -22,22 +25,41 @@ use crate::probe::Outcome;
 /// How long readiness waits for the backend before calling it unreachable.
 const BACKEND_DEADLINE: Duration = Duration::from_secs(1);
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/health/live", get(live))
-        .route("/health/ready", get(ready))
-        .route("/ready", get(ready))
-        .route("/health", get(detailed))
-        .route("/health-check", get(detailed))
-        .route("/metrics", get(metrics))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(live))
+        .routes(routes!(ready))
+        .routes(routes!(ready_alias))
+        .routes(routes!(detailed))
+        .routes(routes!(detailed_alias))
+        .routes(routes!(metrics))
 }
 
 /// The on-demand probe (mounted behind authentication).
-pub fn trigger_router() -> Router<AppState> {
-    Router::new().route("/trigger-test-event", post(trigger_test_event))
+pub fn trigger_router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(trigger_test_event))
 }
 
-/// Prometheus scrapes this (OpenMetrics text).
+/// A one-word answer.
+#[derive(Serialize, ToSchema)]
+struct Status {
+    #[schema(example = "ready")]
+    status: &'static str,
+}
+
+/// Prometheus metrics (OpenMetrics text; scrape without credentials).
+#[utoipa::path(
+    get,
+    path = "/metrics",
+    tag = "operations",
+    security(()),
+    responses((
+        status = 200,
+        description = "The series of the metrics section in the README",
+        content_type = "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        body = String,
+    )),
+)]
 async fn metrics(State(state): State<AppState>) -> Response {
     let text = state.metrics.render(state.connections.snapshot());
     (
@@ -50,8 +72,16 @@ async fn metrics(State(state): State<AppState>) -> Response {
         .into_response()
 }
 
-async fn live() -> impl IntoResponse {
-    Json(serde_json::json!({ "status": "alive" }))
+/// Liveness: 200 while the process runs.
+#[utoipa::path(
+    get,
+    path = "/health/live",
+    tag = "operations",
+    security(()),
+    responses((status = 200, description = "The process runs", body = Status)),
+)]
+async fn live() -> Json<Status> {
+    Json(Status { status: "alive" })
 }
 
 /// One timed round trip to the backend.
@@ -64,6 +94,23 @@ async fn check_backend(state: &AppState) -> Result<Duration, String> {
     }
 }
 
+/// Readiness: whether this instance should get traffic.
+#[utoipa::path(
+    get,
+    path = "/health/ready",
+    tag = "operations",
+    security(()),
+    responses(
+        (status = 200, description = "Ready", body = Status),
+        (
+            status = 503,
+            description = "Not ready: the backend is unreachable, the delivery probe failed, or \
+                           shutdown has begun (the detail says which)",
+            content_type = "application/problem+json",
+            body = Problem,
+        ),
+    ),
+)]
 async fn ready(State(state): State<AppState>) -> Response {
     if state.shutdown.is_cancelled() {
         return problem_response(
@@ -74,7 +121,7 @@ async fn ready(State(state): State<AppState>) -> Response {
     }
     let reason = match check_backend(&state).await {
         Ok(_) => match state.probe.check() {
-            Ok(()) => return Json(serde_json::json!({ "status": "ready" })).into_response(),
+            Ok(()) => return Json(Status { status: "ready" }).into_response(),
             Err(reason) => reason,
         },
         Err(reason) => format!("{} backend unreachable: {reason}", state.backend.kind()),
@@ -82,7 +129,42 @@ async fn ready(State(state): State<AppState>) -> Response {
     problem_response(StatusCode::SERVICE_UNAVAILABLE, "not-ready", reason)
 }
 
-/// Runs the probe now (1 per second per instance) and answers with its round trip.
+/// Readiness under its short name.
+#[utoipa::path(
+    get,
+    path = "/ready",
+    tag = "operations",
+    security(()),
+    responses(
+        (status = 200, description = "Ready", body = Status),
+        (status = 503, description = "Not ready (see `/health/ready`)", content_type = "application/problem+json", body = Problem),
+    ),
+)]
+async fn ready_alias(state: State<AppState>) -> Response {
+    ready(state).await
+}
+
+/// The probe's answer.
+#[derive(Serialize, ToSchema)]
+struct Probed {
+    #[schema(example = "ok")]
+    status: &'static str,
+    /// From publishing the probe message to its delivery through both paths.
+    round_trip_ms: f64,
+}
+
+/// Fires the synthetic probe now (at most 1 per second per instance): publishes to the
+/// instance's probe stream and waits for the message to come back through broadcast and group
+/// delivery.
+#[utoipa::path(
+    post,
+    path = "/trigger-test-event",
+    tag = "operations",
+    responses(
+        (status = 200, description = "The probe came back", body = Probed),
+        Guarded,
+    ),
+)]
 async fn trigger_test_event(
     State(state): State<AppState>,
     caller: Caller,
@@ -97,10 +179,10 @@ async fn trigger_test_event(
             retry_after_secs: too_soon.retry_after.as_secs_f64().ceil() as u64,
         })?;
     match outcome.round_trip_ms {
-        Some(round_trip_ms) if outcome.ok => Ok(Json(serde_json::json!({
-            "status": "ok",
-            "round_trip_ms": round_trip_ms,
-        }))
+        Some(round_trip_ms) if outcome.ok => Ok(Json(Probed {
+            status: "ok",
+            round_trip_ms,
+        })
         .into_response()),
         _ => Ok(problem_response(
             StatusCode::SERVICE_UNAVAILABLE,
@@ -110,7 +192,7 @@ async fn trigger_test_event(
     }
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct BackendHealth {
     kind: &'static str,
     address: String,
@@ -121,14 +203,15 @@ struct BackendHealth {
     error: Option<String>,
 }
 
-#[derive(Serialize)]
+/// Open streaming connections on this instance.
+#[derive(Serialize, ToSchema)]
 struct Connections {
     sse: u64,
     websocket: u64,
     long_poll: u64,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct Report {
     service: &'static str,
     version: &'static str,
@@ -141,6 +224,17 @@ struct Report {
     probe: Option<Outcome>,
 }
 
+/// The detailed report, for dashboards.
+#[utoipa::path(
+    get,
+    path = "/health",
+    tag = "operations",
+    security(()),
+    responses(
+        (status = 200, description = "Healthy", body = Report),
+        (status = 503, description = "Degraded: same report, `status` is `degraded`", body = Report),
+    ),
+)]
 async fn detailed(State(state): State<AppState>) -> Response {
     let check = check_backend(&state).await;
     let (sse, websocket, long_poll) = state.connections.snapshot();
@@ -174,4 +268,19 @@ async fn detailed(State(state): State<AppState>) -> Response {
         StatusCode::SERVICE_UNAVAILABLE
     };
     (status, Json(report)).into_response()
+}
+
+/// The detailed report under seed 003's name.
+#[utoipa::path(
+    get,
+    path = "/health-check",
+    tag = "operations",
+    security(()),
+    responses(
+        (status = 200, description = "Healthy (see `/health`)", body = Report),
+        (status = 503, description = "Degraded", body = Report),
+    ),
+)]
+async fn detailed_alias(state: State<AppState>) -> Response {
+    detailed(state).await
 }

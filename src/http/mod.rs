@@ -12,6 +12,7 @@ pub mod extract;
 pub mod groups;
 pub mod health;
 pub mod message_id;
+pub mod openapi;
 pub mod poll;
 pub mod produce;
 pub mod rate_limit;
@@ -23,14 +24,15 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Instant;
 
-use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
 use axum::http::{HeaderName, HeaderValue, Method, Uri, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
+use axum::{Extension, Router};
 use tokio_util::sync::CancellationToken;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tracing::Instrument;
+use utoipa_axum::router::OpenApiRouter;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -171,7 +173,7 @@ impl ConnectionCounts {
 
 /// The whole application's routes.
 pub fn router(state: AppState) -> Router {
-    let authenticated = Router::new()
+    let authenticated = OpenApiRouter::new()
         .merge(produce::router())
         .merge(admin::router())
         .merge(consumers::router())
@@ -183,7 +185,7 @@ pub fn router(state: AppState) -> Router {
             auth::require_header_token,
         ));
     // Browsers' EventSource and WebSocket cannot set headers: these accept `?token=` too.
-    let streaming = Router::new()
+    let streaming = OpenApiRouter::new()
         .merge(events::router())
         .merge(broadcast::router())
         .merge(poll::polling_router())
@@ -192,10 +194,14 @@ pub fn router(state: AppState) -> Router {
             state.clone(),
             auth::require_header_or_query_token,
         ));
-    let router = Router::new()
+    let (router, document) = OpenApiRouter::new()
         .merge(health::router())
+        .merge(openapi::router())
         .merge(authenticated)
         .merge(streaming)
+        .split_for_parts();
+    let router = router
+        .layer(Extension(openapi::finish(document)))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // Bodies are read by `extract::LimitedBody` against the configured limit.

@@ -9,19 +9,22 @@
 
 use std::time::Duration;
 
+use axum::Json;
 use axum::extract::State;
-use axum::routing::{get, post};
-use axum::{Json, Router};
 use futures_util::stream::BoxStream;
 use futures_util::{FutureExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::AppState;
 use super::auth::Caller;
 use super::error::ApiError;
 use super::extract::{LimitedBody, QueryPairs, parse_json, stream_name};
 use super::message_id::MessageRef;
+use super::openapi::{Conflicting, Guarded, Invalid, MessageIdSchema, TooLarge};
 use crate::auth::Scope;
 use crate::backend::GroupStart;
 use crate::delivery::cursor;
@@ -37,31 +40,34 @@ const DEFAULT_TIMEOUT_SECS: u64 = 30;
 const MAX_MESSAGES: usize = 1000;
 const DEFAULT_MESSAGES: usize = 100;
 
-pub fn polling_router() -> Router<AppState> {
-    Router::new().route("/api/v1/poll", get(poll))
+pub fn polling_router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(poll))
 }
 
-pub fn ack_router() -> Router<AppState> {
-    Router::new().route("/api/v1/ack", post(ack))
+pub fn ack_router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(ack))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct PolledMessage {
+    /// An opaque token: acknowledge with it (`POST /api/v1/ack`).
     message_id: String,
     topic: StreamName,
+    #[schema(value_type = serde_json::Value)]
     payload: Box<RawValue>,
     /// Milliseconds since the epoch, from the entry id.
     timestamp: u64,
 }
 
-#[derive(Serialize)]
+/// Messages a broadcast poll missed because they were trimmed away.
+#[derive(Serialize, ToSchema)]
 struct Gap {
     topic: StreamName,
     requested: EntryId,
     resumed_from: EntryId,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct PollReply {
     messages: Vec<PolledMessage>,
     /// Where a broadcast poll continues (pass it back as `cursor`); null for group polls.
@@ -118,6 +124,27 @@ fn topics(query: &QueryPairs) -> Result<Vec<StreamName>, ApiError> {
     Ok(topics)
 }
 
+/// Seed 004's long-poll: answers as soon as messages are available, or empty after `timeout`.
+/// With `group` the poll is a consumer of the group (`client_id` names it; what it returns stays
+/// pending until acknowledged); without, a broadcast subscriber continuing from `cursor`.
+#[utoipa::path(
+    get,
+    path = "/api/v1/poll",
+    tag = "consume",
+    security(("bearer" = []), ("query_token" = [])),
+    params(
+        ("topics" = String, Query, description = "Streams, comma-separated (or repeated)"),
+        ("group" = Option<GroupName>, Query, description = "The consumer group; absent = broadcast"),
+        ("client_id" = Option<ConsumerName>, Query, description = "Group polls: the consumer's name (generated when absent)"),
+        ("cursor" = Option<String>, Query, description = "Broadcast polls: the previous reply's `cursor`"),
+        ("timeout" = Option<u64>, Query, description = "Seconds to wait for a message (default 30, at most 60)"),
+        ("max" = Option<usize>, Query, minimum = 1, description = "Most messages returned (default 100, at most 1000)"),
+    ),
+    responses(
+        (status = 200, description = "The messages (possibly none)", body = PollReply),
+        Invalid, Conflicting, Guarded,
+    ),
+)]
 async fn poll(
     State(state): State<AppState>,
     caller: Caller,
@@ -312,19 +339,29 @@ async fn broadcast_sources(
     Ok((sources, cursor::Positions::new(positions)))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct AckBody {
+    /// `message_id`s from polls or WebSocket messages.
+    #[schema(value_type = Vec<MessageIdSchema>)]
     message_ids: Vec<String>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct Acked {
+    /// How many were pending and are now acknowledged.
     acked: u64,
 }
 
 /// Acknowledges messages by `message_id`, on any instance. Every id is checked before anything
 /// is acknowledged: one garbled id makes the whole request a 400.
+#[utoipa::path(
+    post,
+    path = "/api/v1/ack",
+    tag = "consume",
+    request_body = AckBody,
+    responses((status = 200, description = "Acknowledged", body = Acked), Invalid, TooLarge, Conflicting, Guarded),
+)]
 async fn ack(
     State(state): State<AppState>,
     caller: Caller,

@@ -3,20 +3,23 @@
 //! re-encoded. A request is checked completely (names, sizes, permissions) before anything is
 //! written.
 
+use axum::Json;
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
-use axum::{Json, Router};
 use bytes::Bytes;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
+use utoipa::ToSchema;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::AppState;
 use super::auth::Caller;
 use super::error::ApiError;
-use super::extract::{LimitedBody, StreamPath, parse_json, stream_name};
+use super::extract::{LimitedBody, StreamPath, parse_json, stream_name, whole};
 use super::message_id::MessageRef;
+use super::openapi::{Conflicting, Guarded, IdempotencyHeader, Invalid, StreamParam, TooLarge};
 use crate::auth::Scope;
 use crate::backend::{AppendOutcome, AppendRequest, Backend, IdempotencyKey, Retention};
 use crate::config::IDEMPOTENCY_TTL;
@@ -29,74 +32,120 @@ const MAX_TTL_SECS: u64 = 10 * 365 * 24 * 3600;
 /// Header a replayed idempotent answer carries.
 const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
 
-pub fn router() -> Router<AppState> {
-    Router::new()
-        .route("/api/streams/{stream}/messages", post(publish))
-        .route("/api/streams/{stream}/messages/batch", post(publish_batch))
-        .route("/api/v1/messages", post(publish_v1))
-        .route("/api/v1/messages/bulk", post(publish_v1_bulk))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(publish))
+        .routes(routes!(publish_batch))
+        .routes(routes!(publish_v1))
+        .routes(routes!(publish_v1_bulk))
 }
 
-#[derive(Deserialize)]
+/// One message.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct PublishBody<'a> {
+    /// The payload: any JSON value, stored as the exact text received.
     #[serde(borrow)]
+    #[schema(value_type = serde_json::Value)]
     data: &'a RawValue,
+    /// Trim the stream to about this many entries (the configured retention may keep fewer).
+    #[schema(minimum = 1)]
+    #[serde(default, deserialize_with = "whole")]
     maxlen: Option<u64>,
+    /// Seconds until the message expires: it is then no longer delivered.
+    #[schema(minimum = 1, maximum = 315_360_000)]
+    #[serde(default, deserialize_with = "whole")]
     ttl: Option<u64>,
 }
 
-#[derive(Deserialize)]
+/// Several messages, appended together in order.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct BatchBody<'a> {
+    /// The payloads (at most `limits.max_batch_messages`).
     #[serde(borrow)]
+    #[schema(value_type = Vec<serde_json::Value>, min_items = 1)]
     messages: Vec<&'a RawValue>,
+    #[schema(minimum = 1)]
+    #[serde(default, deserialize_with = "whole")]
     maxlen: Option<u64>,
+    #[schema(minimum = 1, maximum = 315_360_000)]
+    #[serde(default, deserialize_with = "whole")]
     ttl: Option<u64>,
 }
 
-#[derive(Deserialize)]
+/// Seed 004's message: a topic (stream) and its payload.
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct V1Message<'a> {
+    /// The stream.
+    #[schema(value_type = StreamName)]
     topic: String,
     #[serde(borrow)]
+    #[schema(value_type = serde_json::Value)]
     payload: &'a RawValue,
+    #[schema(minimum = 1, maximum = 315_360_000)]
+    #[serde(default, deserialize_with = "whole")]
     ttl: Option<u64>,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 struct V1BulkBody<'a> {
     #[serde(borrow)]
+    #[schema(min_items = 1)]
     messages: Vec<V1Message<'a>>,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct Published<'a> {
+    #[schema(example = "ok")]
     status: &'static str,
     stream: &'a StreamName,
+    /// The entry id.
     id: EntryId,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct PublishedBatch<'a> {
+    #[schema(example = "ok")]
     status: &'static str,
     stream: &'a StreamName,
     count: usize,
+    /// The entry ids, in request order.
     ids: &'a [EntryId],
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct PublishedV1<'a> {
+    /// An opaque token naming the message (acknowledge with it after receiving it).
     message_id: String,
     topic: &'a StreamName,
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, ToSchema)]
 struct PublishedV1Bulk<'a> {
+    /// One per message, in request order.
     results: Vec<PublishedV1<'a>>,
 }
 
+/// Publishes one message to a stream (created on first use).
+#[utoipa::path(
+    post,
+    path = "/api/streams/{stream}/messages",
+    tag = "publish",
+    params(StreamParam, IdempotencyHeader),
+    request_body = PublishBody,
+    responses(
+        (
+            status = 201,
+            description = "Stored (a replayed idempotent publish carries `Idempotent-Replayed: true`)",
+            body = Published,
+            headers(("Idempotent-Replayed" = String, description = "`true` when the key was seen before")),
+        ),
+        Invalid, TooLarge, Conflicting, Guarded,
+    ),
+)]
 async fn publish(
     State(state): State<AppState>,
     caller: Caller,
@@ -119,6 +168,23 @@ async fn publish(
     Ok(created(&reply, outcome.replayed))
 }
 
+/// Publishes several messages to a stream, all or nothing.
+#[utoipa::path(
+    post,
+    path = "/api/streams/{stream}/messages/batch",
+    tag = "publish",
+    params(StreamParam, IdempotencyHeader),
+    request_body = BatchBody,
+    responses(
+        (
+            status = 201,
+            description = "Stored",
+            body = PublishedBatch,
+            headers(("Idempotent-Replayed" = String, description = "`true` when the key was seen before")),
+        ),
+        Invalid, TooLarge, Conflicting, Guarded,
+    ),
+)]
 async fn publish_batch(
     State(state): State<AppState>,
     caller: Caller,
@@ -148,6 +214,18 @@ async fn publish_batch(
     Ok(created(&reply, outcome.replayed))
 }
 
+/// Seed 004's publish: one message to a topic.
+#[utoipa::path(
+    post,
+    path = "/api/v1/messages",
+    tag = "publish",
+    params(IdempotencyHeader),
+    request_body = V1Message,
+    responses(
+        (status = 201, description = "Stored", body = PublishedV1),
+        Invalid, TooLarge, Conflicting, Guarded,
+    ),
+)]
 async fn publish_v1(
     State(state): State<AppState>,
     caller: Caller,
@@ -208,6 +286,18 @@ pub(super) fn v1_message_id(topic: &StreamName, id: EntryId) -> String {
 
 /// Messages for several topics: each topic's messages are appended together, topics one after
 /// another, so a failure part-way leaves the earlier topics written (the reply is then an error).
+/// Seed 004's bulk publish: messages to several topics. Each topic's messages are appended
+/// together, topics one after another.
+#[utoipa::path(
+    post,
+    path = "/api/v1/messages/bulk",
+    tag = "publish",
+    request_body = V1BulkBody,
+    responses(
+        (status = 201, description = "Stored", body = PublishedV1Bulk),
+        Invalid, TooLarge, Conflicting, Guarded,
+    ),
+)]
 async fn publish_v1_bulk(
     State(state): State<AppState>,
     caller: Caller,
@@ -252,10 +342,11 @@ async fn publish_v1_bulk(
     Ok(created(&PublishedV1Bulk { results }, false))
 }
 
-/// A stream clients may publish to: a valid name outside streamgate's own `streamgate:` prefix.
+/// A stream clients may publish to: a valid name outside streamgate's own `streamgate:` prefix
+/// (403 inside it: the name is well-formed, writing there is not allowed).
 fn publishable(stream: StreamName) -> Result<StreamName, ApiError> {
     if stream.is_internal() {
-        return Err(ApiError::BadRequest(format!(
+        return Err(ApiError::Forbidden(format!(
             "stream names starting with `{INTERNAL_PREFIX}` are reserved for streamgate itself"
         )));
     }

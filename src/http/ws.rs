@@ -10,23 +10,24 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use axum::Router;
 use axum::extract::State;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::response::Response;
-use axum::routing::get;
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
 use futures_util::{SinkExt, StreamExt};
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use tokio_stream::StreamMap;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::AppState;
 use super::auth::Caller;
 use super::error::ApiError;
 use super::message_id::MessageRef;
+use super::openapi::{Conflicting, Guarded, Invalid};
 use super::poll::{acknowledge, decode_all};
 use super::produce::{TopicMessage, publish_one, v1_message_id};
 use super::sse::json_string;
@@ -50,10 +51,24 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 const SERVICE_RESTART: u16 = 1012;
 const TRY_AGAIN_LATER: u16 = 1013;
 
-pub fn router() -> Router<AppState> {
-    Router::new().route("/ws", get(upgrade))
+pub fn router() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(upgrade))
 }
 
+/// Seed 004's WebSocket: JSON text frames to `subscribe` (to topics, as a group consumer or a
+/// broadcast subscriber), `ack`, `publish`, `ping` and `unsubscribe`, each answered with an
+/// optional `ref` echoed; messages arrive as `{"type":"message",…}`. See the README for the
+/// frames. Over the connection cap the socket opens and closes at once with 1013.
+#[utoipa::path(
+    get,
+    path = "/ws",
+    tag = "consume",
+    security(("bearer" = []), ("query_token" = [])),
+    responses(
+        (status = 101, description = "Switching to the WebSocket protocol"),
+        Invalid, Conflicting, Guarded,
+    ),
+)]
 async fn upgrade(
     State(state): State<AppState>,
     caller: Caller,

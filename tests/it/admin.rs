@@ -214,7 +214,7 @@ async fn reserved_prefix_cannot_be_published_to(app: TestApp) {
             &json!({ "data": 1 }),
         )
         .await;
-    let detail = problem(response, 400).await["detail"]
+    let detail = problem(response, 403).await["detail"]
         .as_str()
         .unwrap()
         .to_owned();

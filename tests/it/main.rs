@@ -41,6 +41,7 @@ mod groups;
 
 mod health;
 mod lifecycle;
+mod openapi;
 mod ops;
 mod produce;
 mod seed004;

@@ -552,6 +552,30 @@ async fn the_probe_runs_on_schedule_and_on_demand(app: TestApp) {
     assert_eq!(series(&metrics, "streamgate_probe_failures_total"), 0.0);
 }
 
+on_each_backend!(the_probe_survives_an_admin_flush);
+
+/// A flush deletes the probe's stream and group; that is not a delivery failure.
+async fn the_probe_survives_an_admin_flush(app: TestApp) {
+    assert_eq!(app.probed().await["ok"], true);
+    let flushed = app
+        .request(reqwest::Method::POST, "/admin/flush")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(flushed.status(), 200);
+    let triggered = app
+        .request(reqwest::Method::POST, "/trigger-test-event")
+        .send()
+        .await
+        .unwrap();
+    let body = crate::helpers::json(triggered).await;
+    assert_eq!(body["status"], "ok", "{body}");
+    assert_eq!(app.get("/health/ready").await.status(), 200);
+    let metrics = reqwest::get(app.url("/metrics")).await.unwrap();
+    let metrics = metrics.text().await.unwrap();
+    assert_eq!(series(&metrics, "streamgate_probe_failures_total"), 0.0);
+}
+
 const PUBLISHER: &str = r#"
 [probe]
 interval = "1s"

@@ -15,6 +15,7 @@ on_each_backend!(
     oversize_input_is_413_and_writes_nothing =
         "[limits]\nmax_message_bytes = 100\nmax_body_bytes = 1000\nmax_batch_messages = 5\n",
     idempotent_publish_writes_once_under_concurrent_retries,
+    integers_are_whole_numbers_within_64_bits,
     maxlen_and_retention_rules_trim = "[[retention]]\npattern = \"logs.*\"\nmax_len = 20\n",
 );
 
@@ -209,7 +210,7 @@ async fn malformed_input_is_400_and_writes_nothing(app: TestApp) {
             "trailing",
         ),
         ("/api/streams/s/messages", "", "empty"),
-        ("/api/streams/s/messages", "[1]", "invalid JSON"),
+        ("/api/streams/s/messages", "[1]", "is an array"),
         (
             "/api/streams/s/messages",
             r#"{"data": 1, "maxlen": 0}"#,
@@ -488,4 +489,40 @@ async fn redis_key_of_another_type_is_409() {
     problem(response, 409).await;
     let response = app.get("/api/streams/plain-string/messages").await;
     problem(response, 409).await;
+}
+
+/// JSON Schema's integers: `5.0` is 5; fractions, and values Redis cannot take, are a 400.
+async fn integers_are_whole_numbers_within_64_bits(app: TestApp) {
+    let response = app
+        .post_raw(
+            "/api/streams/whole/messages",
+            r#"{"data":1,"maxlen":5.0,"ttl":60.0}"#,
+        )
+        .await;
+    assert_eq!(response.status(), 201);
+    for body in [
+        r#"{"data":1,"ttl":1.5}"#,
+        r#"{"data":1,"maxlen":9223372036854775808}"#,
+        r#"{"data":1,"maxlen":1e300}"#,
+        r#"{"data":1,"maxlen":-1}"#,
+        // serde would read an array into the fields in order.
+        r#"[1, 5]"#,
+    ] {
+        let response = app.post_raw("/api/streams/whole/messages", body).await;
+        problem(response, 400).await;
+    }
+    assert_eq!(history(&app, "whole").await.len(), 1);
+
+    let pending = app
+        .get("/api/streams/whole/groups/g/pending?min_idle_ms=9223372036854775808")
+        .await;
+    problem(pending, 400).await;
+    let created = app
+        .request(reqwest::Method::PUT, "/api/streams/whole/groups/g")
+        .header("content-type", "application/json")
+        .body("null")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(created.status(), 201, "a null body is the default position");
 }

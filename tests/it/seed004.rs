@@ -246,10 +246,10 @@ async fn websocket_publishes_pings_and_unsubscribes(app: TestApp) {
         ws.next(Duration::from_millis(500)).await.is_none(),
         "no longer subscribed"
     );
-    let too_big = ws
+    let reserved = ws
         .call(json!({ "type": "publish", "topic": "streamgate:x", "payload": 1 }))
         .await;
-    assert_eq!(too_big["code"], "bad_request");
+    assert_eq!(reserved["code"], "forbidden");
 }
 
 async fn websocket_garbage_gets_errors_and_the_socket_stays_usable(app: TestApp) {
