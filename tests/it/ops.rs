@@ -576,6 +576,43 @@ async fn the_probe_survives_an_admin_flush(app: TestApp) {
     assert_eq!(series(&metrics, "streamgate_probe_failures_total"), 0.0);
 }
 
+on_each_backend!(
+    streaming_over_the_connection_cap_is_503_with_retry_after = "[limits]\nmax_connections = 1\n",
+);
+
+/// SSE and long-polls over `limits.max_connections` (WebSocket: see seed004.rs).
+async fn streaming_over_the_connection_cap_is_503_with_retry_after(app: TestApp) {
+    let first = crate::helpers::sse::SseClient::open(
+        app.request(reqwest::Method::GET, "/api/streams/capped/events"),
+    )
+    .await;
+    assert_eq!(first.status, 200);
+    for path in [
+        "/api/streams/capped/events",
+        "/api/events?stream=capped&group=g",
+        "/api/v1/poll?topics=capped&timeout=0",
+    ] {
+        let refused = app.get(path).await;
+        assert_eq!(refused.headers()["retry-after"], "1", "{path}");
+        crate::helpers::problem(refused, 503).await;
+    }
+    // Plain requests are not streaming connections.
+    assert_eq!(app.get("/api/streams/capped/groups").await.status(), 404);
+    drop(first);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    loop {
+        let poll = app.get("/api/v1/poll?topics=capped&timeout=0").await;
+        if poll.status() == 200 {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the slot was not freed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 const PUBLISHER: &str = r#"
 [probe]
 interval = "1s"
