@@ -1,10 +1,23 @@
 //! streamgate's load generator: `cargo bench --bench load -- <scenario>…` (no scenario: all).
 //! Talks only to loopback, bounded in count and time, and prints one table: scenario, target,
-//! figure, peer figure, ratio.
+//! figure, peer figure, ratio. Peers run in the same run, against the same `redis-server` (one the
+//! bench starts on a free port): raw Redis (`redis-benchmark`, and this program's own
+//! XREADGROUP/XACK loop), webdis and nginx + nchan (`bench/peers/`; skipped, and said so, when not
+//! installed: `bench/peers/install.sh`).
 //!
-//! Scenarios:
+//! Scenarios (SPEC section 7):
+//! - `publish`: one message per request, 50 keep-alive connections, 5 s: vs webdis's XADD over
+//!   HTTP and `redis-benchmark XADD -c 50`.
+//! - `batch`: 100 messages per request, 50 connections, 5 s: vs `redis-benchmark XADD -c 50 -P 64`.
+//! - `fanout`: 1,000 SSE subscribers × 1,000 messages, every delivery counted: vs nchan (Redis
+//!   mode); then publish-to-receipt latency for 100 subscribers at 20 messages/s for 5 s.
+//! - `group`: 10 SSE consumers of one group consuming and finishing 50,000 messages: vs 10 raw
+//!   Redis clients running XREADGROUP COUNT 100 + XACK.
 //! - `idle`: resident memory per idle SSE subscriber and per idle (subscribed) WebSocket, at
 //!   10,000 connections each.
+//!
+//! Every client here is a minimal HTTP/1.1 client on a raw socket (the same one for streamgate and
+//! for the peers), so the load generator's own cost stays small and equal.
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
@@ -186,8 +199,691 @@ async fn open_transport(transport: &str, address: &str) -> TcpStream {
     }
 }
 
+/// The payload of every published message, the same for streamgate and the peers (~120 bytes).
+const PAYLOAD: &str = r#"{"order":12345,"customer":"c-0042","items":["a-1","b-2","c-3"],"total":12.5,"note":"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}"#;
+/// Client connections of the publish scenarios.
+const CONNECTIONS: usize = 50;
+/// How long each publish measurement runs.
+const RUN_FOR: Duration = Duration::from_secs(5);
+
+/// A `redis-server` of the bench's own on a free loopback port, without persistence.
+struct Redis {
+    child: Child,
+    port: u16,
+}
+
+impl Redis {
+    fn start() -> Redis {
+        let port = free_port();
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", "", "--appendonly", "no", "--maxclients", "20000"])
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("start redis-server");
+        let redis = Redis { child, port };
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(redis.address()).is_ok() {
+                return redis;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("redis-server did not start");
+    }
+
+    fn address(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    fn url(&self) -> String {
+        format!("redis://{}", self.address())
+    }
+
+    /// Runs one command with `redis-cli`.
+    fn cli(&self, args: &[&str]) -> String {
+        let output = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()
+            .expect("redis-cli");
+        String::from_utf8_lossy(&output.stdout).trim().to_owned()
+    }
+
+    /// `redis-benchmark` of `XADD bench-rb * data PAYLOAD`: requests per second.
+    fn benchmark_xadd(&self, pipeline: usize, requests: usize) -> f64 {
+        let output = Command::new("redis-benchmark")
+            .args(["-p", &self.port.to_string(), "-c", &CONNECTIONS.to_string()])
+            .args([
+                "-n",
+                &requests.to_string(),
+                "-P",
+                &pipeline.to_string(),
+                "--csv",
+            ])
+            .args(["XADD", "bench-rb", "*", "data", PAYLOAD])
+            .output()
+            .expect("redis-benchmark");
+        let text = String::from_utf8_lossy(&output.stdout);
+        // "test","rps",… (8 columns) then "XADD bench-rb * data …","123456.78",…: the payload
+        // has commas, so count from the end.
+        text.lines()
+            .nth(1)
+            .and_then(|line| line.rsplit(',').nth(6))
+            .and_then(|rps| rps.trim_matches('"').parse().ok())
+            .unwrap_or_else(|| panic!("redis-benchmark said: {text}"))
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|listener| listener.local_addr())
+        .map(|address| address.port())
+        .expect("a free port")
+}
+
+/// webdis and nginx + nchan (`bench/peers/`), when installed; stopped on drop.
+struct Peers {
+    webdis: String,
+    nchan: String,
+}
+
+impl Peers {
+    fn start(redis: &Redis) -> Option<Peers> {
+        let dir = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/peers");
+        let (webdis, nchan) = (free_port(), free_port());
+        let started = Command::new(format!("{dir}/start.sh"))
+            .args([redis.port, webdis, nchan].map(|port| port.to_string()))
+            .stdout(Stdio::null())
+            .status();
+        if !started.is_ok_and(|status| status.success()) {
+            eprintln!(
+                "!!! webdis/nchan not started: run bench/peers/install.sh; their rows stay empty"
+            );
+            return None;
+        }
+        Some(Peers {
+            webdis: format!("127.0.0.1:{webdis}"),
+            nchan: format!("127.0.0.1:{nchan}"),
+        })
+    }
+}
+
+impl Drop for Peers {
+    fn drop(&mut self) {
+        let stop = concat!(env!("CARGO_MANIFEST_DIR"), "/bench/peers/stop.sh");
+        let _ = Command::new(stop).stdout(Stdio::null()).status();
+    }
+}
+
+/// A keep-alive HTTP/1.1 connection that sends whole requests and reads whole responses
+/// (`Content-Length` bodies).
+struct Connection {
+    socket: TcpStream,
+    buffer: Vec<u8>,
+}
+
+impl Connection {
+    async fn open(address: &str) -> Connection {
+        let socket = TcpStream::connect(address).await.expect("connect");
+        socket.set_nodelay(true).expect("nodelay");
+        Connection {
+            socket,
+            buffer: Vec::with_capacity(4096),
+        }
+    }
+
+    /// Sends `request`; returns the status and the body.
+    async fn call(&mut self, request: &[u8]) -> (u16, Vec<u8>) {
+        self.socket.write_all(request).await.expect("write");
+        let head_end = loop {
+            if let Some(end) = find(&self.buffer, b"\r\n\r\n") {
+                break end + 4;
+            }
+            self.fill().await;
+        };
+        let head = String::from_utf8_lossy(&self.buffer[..head_end]).to_ascii_lowercase();
+        let status = head[9..12].parse().expect("status");
+        let length: usize = head
+            .lines()
+            .find_map(|line| line.strip_prefix("content-length:"))
+            .map(|value| value.trim().parse().expect("content-length"))
+            .unwrap_or(0);
+        while self.buffer.len() < head_end + length {
+            self.fill().await;
+        }
+        let body = self.buffer[head_end..head_end + length].to_vec();
+        self.buffer.drain(..head_end + length);
+        (status, body)
+    }
+
+    async fn fill(&mut self) {
+        let mut chunk = [0u8; 16384];
+        let n = self.socket.read(&mut chunk).await.expect("read");
+        assert!(n > 0, "the server closed the connection");
+        self.buffer.extend_from_slice(&chunk[..n]);
+    }
+}
+
+fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
+    haystack
+        .windows(needle.len())
+        .position(|window| window == needle)
+}
+
+fn post(path: &str, host: &str, body: &str, extra_headers: &str) -> Vec<u8> {
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: {host}\r\n{extra_headers}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .into_bytes()
+}
+
+fn auth() -> String {
+    format!("Authorization: Bearer {TOKEN}\r\n")
+}
+
+/// Requests per second and latency percentiles of `CONNECTIONS` clients repeating one request
+/// for `RUN_FOR`; `ok` checks each answer.
+struct Throughput {
+    per_second: f64,
+    p50: Duration,
+    p99: Duration,
+}
+
+async fn hammer(address: &str, request: Vec<u8>, ok: fn(u16, &[u8]) -> bool) -> Throughput {
+    let request = std::sync::Arc::new(request);
+    let started = Instant::now();
+    let tasks: Vec<_> = (0..CONNECTIONS)
+        .map(|_| {
+            let (address, request) = (address.to_owned(), request.clone());
+            tokio::spawn(async move {
+                let mut connection = Connection::open(&address).await;
+                let mut latencies = Vec::new();
+                while started.elapsed() < RUN_FOR {
+                    let sent = Instant::now();
+                    let (status, body) = connection.call(&request).await;
+                    latencies.push(sent.elapsed());
+                    assert!(
+                        ok(status, &body),
+                        "{status} {}",
+                        String::from_utf8_lossy(&body)
+                    );
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for task in tasks {
+        latencies.extend(task.await.expect("client"));
+    }
+    let elapsed = started.elapsed();
+    latencies.sort();
+    Throughput {
+        per_second: latencies.len() as f64 / elapsed.as_secs_f64(),
+        p50: latencies[latencies.len() / 2],
+        p99: latencies[latencies.len() * 99 / 100],
+    }
+}
+
+fn created(status: u16, _: &[u8]) -> bool {
+    status == 201
+}
+
+fn ratio(figure: f64, peer: f64) -> String {
+    format!("{:.2}x", figure / peer)
+}
+
+fn rate(per_second: f64) -> String {
+    if per_second >= 10_000.0 {
+        format!("{:.1}k/s", per_second / 1000.0)
+    } else {
+        format!("{per_second:.0}/s")
+    }
+}
+
+/// Scenario 1: one message per request.
+async fn publish(rows: &mut Vec<Row>, server: &Server, redis: &Redis, peers: Option<&Peers>) {
+    let body = format!(r#"{{"data":{PAYLOAD}}}"#);
+    let request = post("/api/streams/bench-pub/messages", "bench", &body, &auth());
+    let ours = hammer(&server.address, request, created).await;
+    eprintln!(
+        "publish: streamgate {:.0}/s p50 {:?} p99 {:?}",
+        ours.per_second, ours.p50, ours.p99
+    );
+    let figure = format!("{} p99 {:.1}ms", rate(ours.per_second), ms(ours.p99));
+    if let Some(peers) = peers {
+        let request = format!(
+            "PUT /XADD/bench-webdis/*/data HTTP/1.1\r\nHost: bench\r\nContent-Length: {}\r\n\r\n{PAYLOAD}",
+            PAYLOAD.len()
+        );
+        let webdis = hammer(&peers.webdis, request.into_bytes(), |status, body| {
+            status == 200 && find(body, b"{\"XADD\":\"").is_some()
+        })
+        .await;
+        eprintln!(
+            "publish: webdis {:.0}/s p50 {:?} p99 {:?}",
+            webdis.per_second, webdis.p50, webdis.p99
+        );
+        rows.push(Row {
+            scenario: "publish 1/request, 50 conns: vs webdis".into(),
+            target: "≥ 1.5x".into(),
+            figure: figure.clone(),
+            peer: format!("{} p99 {:.1}ms", rate(webdis.per_second), ms(webdis.p99)),
+            ratio: ratio(ours.per_second, webdis.per_second),
+        });
+    }
+    let raw = redis.benchmark_xadd(1, 200_000);
+    rows.push(Row {
+        scenario: "publish 1/request, 50 conns: vs redis-benchmark".into(),
+        target: "≥ 1x".into(),
+        figure,
+        peer: rate(raw),
+        ratio: ratio(ours.per_second, raw),
+    });
+}
+
+fn ms(duration: Duration) -> f64 {
+    duration.as_secs_f64() * 1000.0
+}
+
+/// Scenario 2: 100 messages per request.
+async fn batch(rows: &mut Vec<Row>, server: &Server, redis: &Redis) {
+    let messages = vec![PAYLOAD; 100].join(",");
+    let body = format!(r#"{{"messages":[{messages}]}}"#);
+    let request = post(
+        "/api/streams/bench-batch/messages/batch",
+        "bench",
+        &body,
+        &auth(),
+    );
+    let ours = hammer(&server.address, request, created).await;
+    let per_second = ours.per_second * 100.0;
+    let raw = redis.benchmark_xadd(64, 2_000_000);
+    eprintln!("batch: streamgate {per_second:.0} messages/s, redis-benchmark -P 64 {raw:.0}/s");
+    rows.push(Row {
+        scenario: "batch 100/request, 50 conns: vs -P 64".into(),
+        target: "≥ 0.8x".into(),
+        figure: rate(per_second),
+        peer: rate(raw),
+        ratio: ratio(per_second, raw),
+    });
+}
+
+/// Microseconds since the bench started: the publish time carried in fan-out payloads.
+fn now_micros() -> u64 {
+    static START: std::sync::OnceLock<Instant> = std::sync::OnceLock::new();
+    START.get_or_init(Instant::now).elapsed().as_micros() as u64
+}
+
+/// A broadcast endpoint under test: where to subscribe and how to publish one message.
+#[derive(Clone)]
+struct Broadcaster {
+    address: String,
+    subscribe: String,
+    publish_path: String,
+    /// streamgate wraps the message as `{"data": …}`; nchan takes the body as it is.
+    wrap: bool,
+    headers: String,
+}
+
+impl Broadcaster {
+    fn streamgate(server: &Server, stream: &str) -> Broadcaster {
+        Broadcaster {
+            address: server.address.clone(),
+            subscribe: format!(
+                "GET /api/streams/{stream}/events HTTP/1.1\r\nHost: bench\r\n{}\r\n",
+                auth()
+            ),
+            publish_path: format!("/api/streams/{stream}/messages"),
+            wrap: true,
+            headers: auth(),
+        }
+    }
+
+    fn nchan(peers: &Peers, channel: &str) -> Broadcaster {
+        Broadcaster {
+            address: peers.nchan.clone(),
+            subscribe: format!(
+                "GET /sub/{channel} HTTP/1.1\r\nHost: bench\r\nAccept: text/event-stream\r\n\r\n"
+            ),
+            publish_path: format!("/pub/{channel}"),
+            wrap: false,
+            headers: String::new(),
+        }
+    }
+
+    fn message(&self) -> Vec<u8> {
+        let message = format!(r#"{{"t":{},"body":{PAYLOAD}}}"#, now_micros());
+        let body = match self.wrap {
+            true => format!(r#"{{"data":{message}}}"#),
+            false => message,
+        };
+        post(&self.publish_path, "bench", &body, &self.headers)
+    }
+}
+
+/// What the subscribers got: deliveries, and each one's latency when asked for.
+struct Received {
+    delivered: usize,
+    latencies: Vec<Duration>,
+    elapsed: Duration,
+}
+
+/// `subscribers` SSE clients; `messages` published at `per_second` (0: as fast as 4 connections
+/// go). Waits until every subscriber has every message, or 60 s.
+async fn fan_out(
+    target: &Broadcaster,
+    subscribers: usize,
+    messages: usize,
+    per_second: u32,
+) -> Received {
+    let measure_latency = per_second > 0;
+    let mut sockets = open_many(subscribers, 100, || {
+        let target = target.clone();
+        async move { open(&target.address, target.subscribe.as_bytes(), "HTTP/1.1 200").await }
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let readers: Vec<_> = sockets
+        .drain(..)
+        .map(|socket| {
+            tokio::spawn(async move {
+                let mut reader = tokio::io::BufReader::new(socket);
+                let (mut count, mut latencies, mut line) = (0, Vec::new(), Vec::new());
+                while count < messages {
+                    line.clear();
+                    let read = tokio::time::timeout_at(
+                        deadline.into(),
+                        tokio::io::AsyncBufReadExt::read_until(&mut reader, b'\n', &mut line),
+                    );
+                    match read.await {
+                        Ok(Ok(n)) if n > 0 => {}
+                        _ => break,
+                    }
+                    if !line.starts_with(b"data:") {
+                        continue;
+                    }
+                    count += 1;
+                    if measure_latency {
+                        let sent = find(&line, b"\"t\":")
+                            .map(|at| &line[at + 4..])
+                            .and_then(|rest| {
+                                let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+                                std::str::from_utf8(&rest[..digits])
+                                    .ok()?
+                                    .parse::<u64>()
+                                    .ok()
+                            })
+                            .expect("a timestamp in the message");
+                        latencies.push(Duration::from_micros(now_micros().saturating_sub(sent)));
+                    }
+                }
+                (count, latencies, Instant::now())
+            })
+        })
+        .collect();
+    let started = Instant::now();
+    let publishers = if measure_latency { 1 } else { 4 };
+    let interval = (per_second > 0).then(|| Duration::from_secs(1) / per_second);
+    let publishing: Vec<_> = (0..publishers)
+        .map(|index| {
+            let target = target.clone();
+            tokio::spawn(async move {
+                let mut connection = Connection::open(&target.address).await;
+                let mut ticker = interval.map(tokio::time::interval);
+                for _ in (index..messages).step_by(publishers) {
+                    if let Some(ticker) = ticker.as_mut() {
+                        ticker.tick().await;
+                    }
+                    let (status, body) = connection.call(&target.message()).await;
+                    assert!(
+                        status < 300,
+                        "publish: {status} {}",
+                        String::from_utf8_lossy(&body)
+                    );
+                }
+            })
+        })
+        .collect();
+    for publisher in publishing {
+        publisher.await.expect("publisher");
+    }
+    let (mut delivered, mut latencies, mut last) = (0, Vec::new(), started);
+    for reader in readers {
+        let (count, mut own, finished) = reader.await.expect("subscriber");
+        delivered += count;
+        latencies.append(&mut own);
+        last = last.max(finished);
+    }
+    latencies.sort();
+    Received {
+        delivered,
+        latencies,
+        elapsed: last - started,
+    }
+}
+
+/// Scenario 3: fan-out throughput, then delivery latency at a steady rate.
+async fn fanout(rows: &mut Vec<Row>, server: &Server, peers: Option<&Peers>) {
+    const SUBSCRIBERS: usize = 1000;
+    const MESSAGES: usize = 1000;
+    let expected = SUBSCRIBERS * MESSAGES;
+    let ours = fan_out(
+        &Broadcaster::streamgate(server, "fan"),
+        SUBSCRIBERS,
+        MESSAGES,
+        0,
+    )
+    .await;
+    let ours_rate = ours.delivered as f64 / ours.elapsed.as_secs_f64();
+    eprintln!(
+        "fan-out: streamgate {} of {expected} in {:?}",
+        ours.delivered, ours.elapsed
+    );
+    let figure = format!("{} ({}%)", rate(ours_rate), ours.delivered * 100 / expected);
+    match peers {
+        Some(peers) => {
+            let nchan = fan_out(&Broadcaster::nchan(peers, "fan"), SUBSCRIBERS, MESSAGES, 0).await;
+            let nchan_rate = nchan.delivered as f64 / nchan.elapsed.as_secs_f64();
+            eprintln!(
+                "fan-out: nchan {} of {expected} in {:?}",
+                nchan.delivered, nchan.elapsed
+            );
+            rows.push(Row {
+                scenario: "fan-out 1000 SSE x 1000 msgs: vs nchan".into(),
+                target: "≥ 2x".into(),
+                figure,
+                peer: format!(
+                    "{} ({}%)",
+                    rate(nchan_rate),
+                    nchan.delivered * 100 / expected
+                ),
+                ratio: ratio(ours_rate, nchan_rate),
+            });
+        }
+        None => rows.push(Row {
+            scenario: "fan-out 1000 SSE x 1000 msgs".into(),
+            target: "≥ 2x nchan".into(),
+            figure,
+            peer: "-".into(),
+            ratio: "-".into(),
+        }),
+    }
+
+    let percentile =
+        |received: &Received, p: usize| ms(received.latencies[received.latencies.len() * p / 100]);
+    let ours = fan_out(&Broadcaster::streamgate(server, "steady"), 100, 100, 20).await;
+    let peer = match peers {
+        Some(peers) => {
+            let nchan = fan_out(&Broadcaster::nchan(peers, "steady"), 100, 100, 20).await;
+            format!("{:.2}ms", percentile(&nchan, 99))
+        }
+        None => "-".into(),
+    };
+    eprintln!(
+        "latency at 20/s, 100 subscribers: {} samples, p50 {:.2} ms, p99 {:.2} ms, max {:.2} ms",
+        ours.latencies.len(),
+        percentile(&ours, 50),
+        percentile(&ours, 99),
+        ms(*ours.latencies.last().expect("samples"))
+    );
+    rows.push(Row {
+        scenario: "publish-to-receipt p99, 100 SSE @ 20/s".into(),
+        target: "≤ 2 ms".into(),
+        figure: format!("{:.2}ms", percentile(&ours, 99)),
+        peer,
+        ratio: format!("{:.2}x of target", percentile(&ours, 99) / 2.0),
+    });
+}
+
+/// Scenario 4: consumer group, consume + finish, against raw XREADGROUP/XACK.
+async fn group(rows: &mut Vec<Row>, server: &Server, redis: &Redis) {
+    const MESSAGES: usize = 50_000;
+    const CONSUMERS: usize = 10;
+    const STREAM: &str = "bench-group";
+    let mut connection = Connection::open(&server.address).await;
+    let batch = format!(r#"{{"messages":[{}]}}"#, vec![PAYLOAD; 100].join(","));
+    let fill = post(
+        &format!("/api/streams/{STREAM}/messages/batch"),
+        "bench",
+        &batch,
+        &auth(),
+    );
+    for _ in 0..MESSAGES / 100 {
+        assert_eq!(connection.call(&fill).await.0, 201);
+    }
+    redis.cli(&["XGROUP", "CREATE", STREAM, "raw", "0"]);
+
+    // The raw Redis client: COUNT 100 reads, each acknowledged at once.
+    let started = Instant::now();
+    let client = redis::Client::open(redis.url()).expect("redis url");
+    let raw: Vec<_> = (0..CONSUMERS)
+        .map(|index| {
+            let client = client.clone();
+            tokio::spawn(async move {
+                let mut connection = client
+                    .get_multiplexed_async_connection()
+                    .await
+                    .expect("connect");
+                let options = redis::streams::StreamReadOptions::default()
+                    .group("raw", format!("c{index}"))
+                    .count(100);
+                let mut acked = 0;
+                loop {
+                    let reply: redis::streams::StreamReadReply =
+                        redis::AsyncCommands::xread_options(
+                            &mut connection,
+                            &[STREAM],
+                            &[">"],
+                            &options,
+                        )
+                        .await
+                        .expect("XREADGROUP");
+                    let ids: Vec<String> = reply
+                        .keys
+                        .into_iter()
+                        .flat_map(|key| key.ids)
+                        .map(|entry| entry.id)
+                        .collect();
+                    if ids.is_empty() {
+                        return acked;
+                    }
+                    let n: usize = redis::AsyncCommands::xack(&mut connection, STREAM, "raw", &ids)
+                        .await
+                        .expect("XACK");
+                    acked += n;
+                }
+            })
+        })
+        .collect();
+    let mut raw_acked = 0;
+    for task in raw {
+        raw_acked += task.await.expect("raw consumer");
+    }
+    let raw_rate = raw_acked as f64 / started.elapsed().as_secs_f64();
+    assert_eq!(raw_acked, MESSAGES);
+
+    // streamgate: SSE consumers finishing what each read delivered, in batches.
+    let finished = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let started = Instant::now();
+    let consumers: Vec<_> = (0..CONSUMERS)
+        .map(|index| {
+            let (address, finished) = (server.address.clone(), finished.clone());
+            tokio::spawn(async move {
+                let subscribe = format!(
+                    "GET /api/events?stream={STREAM}&group=g&consumer=c{index}&limit=200 HTTP/1.1\r\nHost: bench\r\n{}\r\n",
+                    auth()
+                );
+                let socket = open(&address, subscribe.as_bytes(), "HTTP/1.1 200").await;
+                let mut reader = tokio::io::BufReader::new(socket);
+                let mut finisher = Connection::open(&address).await;
+                let finish_path =
+                    format!("/api/streams/{STREAM}/groups/g/consumers/c{index}/finish");
+                let (mut ids, mut line) = (Vec::new(), Vec::new());
+                loop {
+                    line.clear();
+                    let n = tokio::io::AsyncBufReadExt::read_until(&mut reader, b'\n', &mut line)
+                        .await
+                        .expect("read");
+                    assert!(n > 0, "the event stream ended");
+                    if let Some(id) = line.strip_prefix(b"id: ") {
+                        ids.push(format!("\"{}\"", String::from_utf8_lossy(id).trim()));
+                    }
+                    // Finish what has arrived once nothing more is waiting in the buffer.
+                    if line == b"\n" && !ids.is_empty() && reader.buffer().is_empty() {
+                        let body = format!(r#"{{"message_ids":[{}]}}"#, ids.join(","));
+                        let (status, reply) =
+                            finisher.call(&post(&finish_path, "bench", &body, &auth())).await;
+                        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&reply));
+                        let acked = find(&reply, b"\"acked\":")
+                            .map(|at| &reply[at + 8..])
+                            .and_then(|rest| {
+                                let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+                                std::str::from_utf8(&rest[..digits]).ok()?.parse::<usize>().ok()
+                            })
+                            .expect("acked");
+                        finished.fetch_add(acked, std::sync::atomic::Ordering::Relaxed);
+                        ids.clear();
+                    }
+                }
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while finished.load(std::sync::atomic::Ordering::Relaxed) < MESSAGES
+        && Instant::now() < deadline
+    {
+        tokio::time::sleep(Duration::from_millis(2)).await;
+    }
+    let elapsed = started.elapsed();
+    for consumer in consumers {
+        consumer.abort();
+    }
+    let done = finished.load(std::sync::atomic::Ordering::Relaxed);
+    let ours_rate = done as f64 / elapsed.as_secs_f64();
+    eprintln!(
+        "group: streamgate finished {done} of {MESSAGES} in {elapsed:?}; raw Redis {raw_acked} at {raw_rate:.0}/s"
+    );
+    rows.push(Row {
+        scenario: "group consume+finish, 10 consumers".into(),
+        target: "≥ 0.7x".into(),
+        figure: format!("{} ({}%)", rate(ours_rate), done * 100 / MESSAGES),
+        peer: rate(raw_rate),
+        ratio: ratio(ours_rate, raw_rate),
+    });
+}
+
 fn print(rows: &[Row]) {
-    let widths = [44, 16, 16, 16, 18];
+    let widths = [48, 10, 22, 22, 18];
     println!(
         "{:<w0$} {:<w1$} {:>w2$} {:>w3$} {:>w4$}",
         "scenario",
@@ -231,6 +927,27 @@ fn main() {
         .expect("runtime");
     let mut rows = Vec::new();
     runtime.block_on(async {
+        let peer_scenarios = ["publish", "batch", "fanout", "group"];
+        if peer_scenarios.iter().any(|name| wants(name)) {
+            let redis = Redis::start();
+            let peers = match wants("publish") || wants("fanout") {
+                true => Peers::start(&redis),
+                false => None,
+            };
+            let server = Server::start(&["--redis-url", &redis.url()]);
+            if wants("publish") {
+                publish(&mut rows, &server, &redis, peers.as_ref()).await;
+            }
+            if wants("batch") {
+                batch(&mut rows, &server, &redis).await;
+            }
+            if wants("fanout") {
+                fanout(&mut rows, &server, peers.as_ref()).await;
+            }
+            if wants("group") {
+                group(&mut rows, &server, &redis).await;
+            }
+        }
         if wants("idle") {
             idle(&mut rows).await;
         }
