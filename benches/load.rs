@@ -377,6 +377,13 @@ fn find(haystack: &[u8], needle: &[u8]) -> Option<usize> {
         .position(|window| window == needle)
 }
 
+/// The whole number right after `key` (e.g. `"t":`) in a JSON text, without parsing the rest.
+fn number_after(text: &[u8], key: &[u8]) -> Option<u64> {
+    let rest = &text[find(text, key)? + key.len()..];
+    let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
+    std::str::from_utf8(&rest[..digits]).ok()?.parse().ok()
+}
+
 fn post(path: &str, host: &str, body: &str, extra_headers: &str) -> Vec<u8> {
     format!(
         "POST {path} HTTP/1.1\r\nHost: {host}\r\n{extra_headers}Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
@@ -614,16 +621,7 @@ async fn fan_out(
                     }
                     count += 1;
                     if measure_latency {
-                        let sent = find(&line, b"\"t\":")
-                            .map(|at| &line[at + 4..])
-                            .and_then(|rest| {
-                                let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
-                                std::str::from_utf8(&rest[..digits])
-                                    .ok()?
-                                    .parse::<u64>()
-                                    .ok()
-                            })
-                            .expect("a timestamp in the message");
+                        let sent = number_after(&line, b"\"t\":").expect("a timestamp");
                         latencies.push(Duration::from_micros(now_micros().saturating_sub(sent)));
                     }
                 }
@@ -844,14 +842,8 @@ async fn group(rows: &mut Vec<Row>, server: &Server, redis: &Redis) {
                         let (status, reply) =
                             finisher.call(&post(&finish_path, "bench", &body, &auth())).await;
                         assert_eq!(status, 200, "{}", String::from_utf8_lossy(&reply));
-                        let acked = find(&reply, b"\"acked\":")
-                            .map(|at| &reply[at + 8..])
-                            .and_then(|rest| {
-                                let digits = rest.iter().take_while(|b| b.is_ascii_digit()).count();
-                                std::str::from_utf8(&rest[..digits]).ok()?.parse::<usize>().ok()
-                            })
-                            .expect("acked");
-                        finished.fetch_add(acked, std::sync::atomic::Ordering::Relaxed);
+                        let acked = number_after(&reply, b"\"acked\":").expect("acked");
+                        finished.fetch_add(acked as usize, std::sync::atomic::Ordering::Relaxed);
                         ids.clear();
                     }
                 }
