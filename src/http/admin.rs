@@ -21,7 +21,10 @@ use super::AppState;
 use super::auth::Caller;
 use super::error::ApiError;
 use super::extract::{ApiQuery, LimitedBody, StreamPath, parse_json, whole};
-use super::openapi::{Conflicting, Guarded, Invalid, Missing, StreamParam, TooLarge};
+use super::openapi::{
+    Conflicting, Guarded, ID_OR_MS_PATTERN, Invalid, Missing, RangeBoundSchema, StreamParam,
+    TooLarge,
+};
 use crate::auth::Scope;
 use crate::backend::{Backend, BackendError, Direction, GroupInfo, RangeQuery, StreamInfo, Trim};
 use crate::model::{Entry, EntryId, StreamName};
@@ -298,10 +301,10 @@ async fn admin_stream_info(
 struct BrowseQuery {
     /// Where reading starts (inclusive): an id, milliseconds alone, or `-`/`+`. The oldest entry
     /// by default (the newest with `reverse`); empty is the default too.
-    #[param(pattern = "^([-+]|[0-9]{1,19}(-[0-9]{1,19})?)?$")]
+    #[param(value_type = Option<RangeBoundSchema>)]
     from: Option<String>,
     /// Where reading stops (inclusive), as `from`.
-    #[param(pattern = "^([-+]|[0-9]{1,19}(-[0-9]{1,19})?)?$")]
+    #[param(value_type = Option<RangeBoundSchema>)]
     to: Option<String>,
     /// Entries per page, 1–1000 (default 100).
     #[param(minimum = 1)]
@@ -429,7 +432,7 @@ impl PartialSchema for TrimBody {
             .description(Some("Keep the newest this many entries"));
         let min_id = ObjectBuilder::new()
             .schema_type(Type::String)
-            .pattern(Some("^[0-9]{1,19}(-[0-9]{1,19})?$"))
+            .pattern(Some(ID_OR_MS_PATTERN))
             .description(Some(
                 "Remove the entries older than this id (milliseconds alone mean `<ms>-0`)",
             ));

@@ -19,7 +19,7 @@ use super::AppState;
 use super::auth::Caller;
 use super::error::ApiError;
 use super::extract::{QueryPairs, StreamPath, stream_name};
-use super::openapi::{Conflicting, Guarded, Invalid, SseEvent, StreamParam};
+use super::openapi::{Conflicting, Guarded, Invalid, SseEvent, StartSchema, StreamParam};
 use super::sse::{self, json_string};
 use crate::auth::Scope;
 use std::sync::Arc;
@@ -53,7 +53,7 @@ pub fn router() -> OpenApiRouter<AppState> {
     security(("bearer" = []), ("query_token" = [])),
     params(
         StreamParam,
-        ("from" = Option<String>, Query, pattern = "^(0|\\$|[0-9]{1,19}(-[0-9]{1,19})?)$", description = "`0` (the retained history), `$` (new messages, the default) or an id to start after"),
+        ("from" = Option<StartSchema>, Query, description = "`0` (the retained history), `$` (new messages, the default) or an id to start after"),
         ("lastEventId" = Option<String>, Query, description = "Resume after this id (the header wins)"),
         ("Last-Event-ID" = Option<String>, Header, description = "Resume after this id (browsers send it when they reconnect)"),
     ),
@@ -80,7 +80,7 @@ async fn stream_events(
     security(("bearer" = []), ("query_token" = [])),
     params(
         ("channel_id" = StreamName, Query, description = "The channel"),
-        ("from" = Option<String>, Query, pattern = "^(0|\\$|[0-9]{1,19}(-[0-9]{1,19})?)$", description = "As for `/api/streams/{stream}/events`"),
+        ("from" = Option<StartSchema>, Query, description = "As for `/api/streams/{stream}/events`"),
         ("lastEventId" = Option<String>, Query, description = "Resume after this id (the header wins)"),
         ("Last-Event-ID" = Option<String>, Header, description = "Resume after this id"),
     ),

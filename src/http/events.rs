@@ -15,7 +15,7 @@ use super::broadcast;
 use super::error::ApiError;
 use super::extract::{QueryPairs, stream_name};
 use super::groups::parse_start;
-use super::openapi::{Conflicting, Guarded, Invalid, SseEvent};
+use super::openapi::{Conflicting, Guarded, Invalid, SseEvent, StartSchema};
 use super::sse::{self, json_string};
 use crate::auth::Scope;
 use crate::backend::GroupStart;
@@ -46,7 +46,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         ("consumer" = Option<ConsumerName>, Query, description = "This consumer's name (generated when absent; a named consumer gets back its unfinished messages first)"),
         ("limit" = Option<u32>, Query, minimum = 1, maximum = 10000, description = "Most messages unfinished at once (the group's default when absent)"),
         ("mode" = Option<String>, Query, pattern = "^(at-least-once|at-most-once)$", description = "`at-least-once` (default: finish each message) or `at-most-once` (nothing pending)"),
-        ("from" = Option<String>, Query, pattern = "^(0|\\$|[0-9]{1,19}(-[0-9]{1,19})?)$", description = "Where a new group starts: `0` (default), `$` or an id; for broadcast, where to start (`0`, `$` = default, or an id)"),
+        ("from" = Option<StartSchema>, Query, description = "Where a new group starts: `0` (default), `$` or an id; for broadcast, where to start (`0`, `$` = default, or an id)"),
         ("lastEventId" = Option<String>, Query, description = "Broadcast: resume after this id or cursor (the `Last-Event-ID` header wins)"),
         ("Last-Event-ID" = Option<String>, Header, description = "Broadcast: resume after this id or cursor"),
     ),

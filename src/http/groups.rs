@@ -13,7 +13,9 @@ use super::AppState;
 use super::auth::Caller;
 use super::error::ApiError;
 use super::extract::{ApiPath, ApiQuery, LimitedBody, StreamPath, parse_json, stream_name};
-use super::openapi::{Conflicting, GroupParams, Guarded, Invalid, Missing, StreamParam, TooLarge};
+use super::openapi::{
+    Conflicting, GroupParams, Guarded, Invalid, Missing, StartSchema, StreamParam, TooLarge,
+};
 use crate::auth::Scope;
 use crate::backend::{Backend, ConsumerInfo, GroupInfo, GroupStart, PendingEntry, PendingQuery};
 use crate::model::{ConsumerName, EntryId, GroupName, StreamName};
@@ -62,7 +64,7 @@ pub fn parse_start(text: &str) -> Option<GroupStart> {
 struct PositionBody {
     /// `0` (the beginning, the default), `$` (the end: only new entries) or an entry id
     /// (milliseconds alone mean `<ms>-0`).
-    #[schema(example = "$", pattern = "^(0|\\$|[0-9]{1,19}(-[0-9]{1,19})?)$")]
+    #[schema(example = "$", value_type = Option<StartSchema>)]
     from: Option<String>,
 }
 

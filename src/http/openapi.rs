@@ -324,6 +324,12 @@ impl IntoParams for EntryIdParam {
 /// An entry id, `<milliseconds>-<sequence>`. Redis allows 20 digits where they fit 64 bits; the
 /// documented pattern stops at 19, which always fit.
 pub const ENTRY_ID_PATTERN: &str = "^[0-9]{1,19}-[0-9]{1,19}$";
+/// An entry id, or milliseconds alone (`<ms>-0`, or `<ms>-<max>` as an end bound).
+pub const ID_OR_MS_PATTERN: &str = "^[0-9]{1,19}(-[0-9]{1,19})?$";
+/// Where a group or a broadcast starts: `0`, `$`, an id or milliseconds.
+pub const START_PATTERN: &str = "^(0|\\$|[0-9]{1,19}(-[0-9]{1,19})?)$";
+/// A browse bound: empty (the default), `-`, `+`, an id or milliseconds.
+pub const RANGE_BOUND_PATTERN: &str = "^([-+]|[0-9]{1,19}(-[0-9]{1,19})?)?$";
 
 /// The `Idempotency-Key` request header.
 pub struct IdempotencyHeader;
@@ -386,27 +392,55 @@ impl PartialSchema for EntryId {
 
 impl ToSchema for EntryId {}
 
-/// The schema of seed 004's opaque `message_id` (see `message_id.rs`).
-pub struct MessageIdSchema;
+/// Declares a named string schema with a pattern, for `value_type = …` in parameters and fields
+/// (utoipa's `pattern = …` takes only a literal, so shared patterns live here).
+macro_rules! pattern_schema {
+    ($(#[$doc:meta])* $type:ident, $name:literal, $pattern:expr, $description:literal) => {
+        $(#[$doc])*
+        pub struct $type;
 
-impl PartialSchema for MessageIdSchema {
-    fn schema() -> RefOr<Schema> {
-        ObjectBuilder::new()
-            .schema_type(Type::String)
-            .pattern(Some("^m1\\.[A-Za-z0-9_-]+\\.[A-Za-z0-9_-]{8}$"))
-            .description(Some(
-                "An opaque token from a poll or a WebSocket message, naming the stream, the group \
-                 and the entry; a checksum makes a garbled token a 400",
-            ))
-            .into()
-    }
+        impl PartialSchema for $type {
+            fn schema() -> RefOr<Schema> {
+                ObjectBuilder::new()
+                    .schema_type(Type::String)
+                    .pattern(Some($pattern))
+                    .description(Some($description))
+                    .into()
+            }
+        }
+
+        impl ToSchema for $type {
+            fn name() -> std::borrow::Cow<'static, str> {
+                $name.into()
+            }
+        }
+    };
 }
 
-impl ToSchema for MessageIdSchema {
-    fn name() -> std::borrow::Cow<'static, str> {
-        "MessageId".into()
-    }
-}
+pattern_schema!(
+    /// Seed 004's opaque `message_id` (see `message_id.rs`).
+    MessageIdSchema,
+    "MessageId",
+    "^m1\\.[A-Za-z0-9_-]+\\.[A-Za-z0-9_-]{8}$",
+    "An opaque token from a poll or a WebSocket message, naming the stream, the group and the \
+     entry; a checksum makes a garbled token a 400"
+);
+pattern_schema!(
+    /// Where a group or a broadcast starts.
+    StartSchema,
+    "Start",
+    START_PATTERN,
+    "`0` (the beginning), `$` (the end: only new entries), or an entry id or milliseconds to \
+     start after"
+);
+pattern_schema!(
+    /// A bound of a browsed range.
+    RangeBoundSchema,
+    "RangeBound",
+    RANGE_BOUND_PATTERN,
+    "Inclusive: an entry id, milliseconds alone, `-` (the oldest) or `+` (the newest); empty is \
+     the default"
+);
 
 /// One Server-Sent Event of a streaming response (as the `text/event-stream` framing carries it;
 /// keep-alive comments are not events).
