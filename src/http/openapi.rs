@@ -41,7 +41,10 @@ use crate::model::{ConsumerName, EntryId, GroupName, MAX_NAME_BYTES, StreamName}
         license(name = "MIT OR Apache-2.0", identifier = "MIT OR Apache-2.0"),
     ),
     modifiers(&Security),
-    components(schemas(Problem)),
+    // Schemas that parameters refer to (derived parameters do not register what they refer to).
+    components(schemas(
+        Problem, StreamName, GroupName, ConsumerName, StartSchema, RangeBoundSchema
+    )),
     security(("bearer" = [])),
     tags(
         (name = "publish", description = "Append messages to streams"),

@@ -53,6 +53,15 @@ async fn the_document_is_openapi_3_1_and_every_operation_in_it_is_served() {
         "only {} operations",
         operations.len()
     );
+    // Every reference resolves (derived parameters do not register what they refer to).
+    let text = document.to_string();
+    for reference in text.split("\"$ref\":\"#/components/schemas/").skip(1) {
+        let name = reference.split('"').next().unwrap();
+        assert!(
+            document["components"]["schemas"][name].is_object(),
+            "a $ref to {name}, which is not in the document"
+        );
+    }
 
     for (method, path) in &operations {
         let operation = &document["paths"][path][method.to_lowercase()];
