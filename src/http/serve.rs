@@ -70,25 +70,19 @@ pub async fn serve(
         let router = router.clone();
         let shutdown = shutdown.clone();
         let tls = tls.clone();
-        connections.spawn(async move {
+        // Each task's future is one allocation that lives as long as the connection, sized for
+        // its largest state: the TLS and hyper paths are boxed on their own so that a plain idle
+        // SSE connection pays only for what it uses (measured: 10 KiB per task when inline).
+        let served = async move {
             let served = match tls {
-                // The handshake counts against the same deadline as the request head.
-                Some(tls) => {
-                    match tokio::time::timeout(HEADER_READ_TIMEOUT, tls.accept(stream)).await {
-                        Ok(Ok(stream)) => connection(stream, remote, router, shutdown).await,
-                        Ok(Err(error)) => Err(error),
-                        Err(_) => Err(io::Error::new(
-                            io::ErrorKind::TimedOut,
-                            "TLS handshake timed out",
-                        )),
-                    }
-                }
+                Some(tls) => Box::pin(tls_connection(tls, stream, remote, router, shutdown)).await,
                 None => connection(stream, remote, router, shutdown).await,
             };
             if let Err(error) = served {
                 tracing::debug!(%error, %remote, "connection ended with an error");
             }
-        });
+        };
+        connections.spawn(served);
     }
     drop(listener);
     connections.close();
@@ -97,6 +91,24 @@ pub async fn serve(
         .is_err()
     {
         tracing::warn!("drain deadline passed; closing the remaining connections");
+    }
+}
+
+/// A TLS connection: the handshake counts against the same deadline as the request head.
+async fn tls_connection(
+    tls: TlsAcceptor,
+    stream: tokio::net::TcpStream,
+    remote: SocketAddr,
+    router: Router,
+    shutdown: CancellationToken,
+) -> io::Result<()> {
+    match tokio::time::timeout(HEADER_READ_TIMEOUT, tls.accept(stream)).await {
+        Ok(Ok(stream)) => connection(stream, remote, router, shutdown).await,
+        Ok(Err(error)) => Err(error),
+        Err(_) => Err(io::Error::new(
+            io::ErrorKind::TimedOut,
+            "TLS handshake timed out",
+        )),
     }
 }
 
@@ -133,10 +145,21 @@ async fn connection(
         && let Some(request) = sse_request(&head)
     {
         drop(head);
-        return serve_sse(stream, remote, router, request).await;
+        return Box::pin(serve_sse(stream, remote, router, request)).await;
     }
+    Box::pin(serve_hyper(stream, head.freeze(), remote, router, shutdown)).await
+}
+
+/// Serves the rest of a connection with hyper, starting with the bytes already read.
+async fn serve_hyper(
+    stream: impl Connection,
+    prefix: Bytes,
+    remote: SocketAddr,
+    router: Router,
+    shutdown: CancellationToken,
+) -> io::Result<()> {
     let io = TokioIo::new(Rewind {
-        prefix: head.freeze(),
+        prefix,
         inner: stream,
     });
     let service = hyper::service::service_fn(move |mut request: Request<hyper::body::Incoming>| {
