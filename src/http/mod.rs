@@ -47,9 +47,21 @@ use crate::delivery::hub::Hub;
 use crate::metrics::Metrics;
 use crate::probe::Probe;
 
-/// Everything handlers share. Cheap to clone.
+/// Everything handlers share, behind one `Arc`: every request clones it several times (each
+/// middleware and the handler take it), so a clone is one reference count.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+/// What [`AppState`] shares.
+pub struct Shared {
     pub backend: AnyBackend,
     pub config: Arc<Config>,
     pub authenticator: Arc<Authenticator>,
@@ -82,7 +94,7 @@ impl AppState {
             &config.tokens,
             config.jwt.as_ref().map(|jwt| jwt.verifier.clone()),
         );
-        AppState {
+        AppState(Arc::new(Shared {
             backend,
             authenticator: Arc::new(authenticator),
             groups,
@@ -100,7 +112,7 @@ impl AppState {
             config,
             shutdown,
             started_at: Instant::now(),
-        }
+        }))
     }
 
     /// A place for one more streaming connection, or 503 at the configured limit.
