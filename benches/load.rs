@@ -60,15 +60,14 @@ impl Server {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("start streamgate");
-        let stdout = child.stdout.take().expect("stdout");
-        let mut address = String::new();
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            if let Some(url) = line.strip_prefix("listening on http://") {
-                address = url.to_owned();
-                break;
-            }
-        }
-        assert!(!address.is_empty(), "streamgate did not start");
+        let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+        let address = lines
+            .by_ref()
+            .map_while(Result::ok)
+            .find_map(|line| line.strip_prefix("listening on http://").map(str::to_owned))
+            .expect("streamgate did not start");
+        // Keep reading the rest of the banner so that it never meets a closed pipe.
+        std::thread::spawn(move || lines.for_each(drop));
         Server { child, address }
     }
 

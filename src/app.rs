@@ -1,6 +1,7 @@
 //! Wires the backend, the shared state and the router together, prints the banner, and runs the
 //! server until the shutdown token is cancelled; then drains within `shutdown_timeout`.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
 
@@ -129,18 +130,24 @@ fn print_banner(config: &Config, backend: &AnyBackend, address: SocketAddr) {
             "backend: embedded (in memory: data is lost when streamgate stops; use --redis-url to keep it)".to_owned()
         }
     };
-    println!("streamgate {}", env!("CARGO_PKG_VERSION"));
-    println!("{backend_line}");
-    println!("listening on {url}");
-    println!("docs: {url}/api-docs");
+    let mut banner = format!(
+        "streamgate {}\n{backend_line}\nlistening on {url}\ndocs: {url}/api-docs\n",
+        env!("CARGO_PKG_VERSION")
+    );
     if config.bearer_token_generated
         && let Some(token) = &config.bearer_token
     {
-        println!(
-            "token: {} (generated for this run, loopback only; set bearer_token to choose one)",
+        banner.push_str(&format!(
+            "token: {} (generated for this run, loopback only; set bearer_token to choose one)\n",
             token.expose()
-        );
+        ));
     }
+    // Not `println!`: it panics when nobody reads stdout any more (a closed pipe), and a gateway
+    // must not stop serving over its banner.
+    let mut stdout = std::io::stdout().lock();
+    let _ = stdout
+        .write_all(banner.as_bytes())
+        .and_then(|()| stdout.flush());
 }
 
 fn group_settings(config: &Config) -> GroupSettings {

@@ -1,9 +1,13 @@
 //! The binary's command line: configuration sources and precedence, rs-http-facade names,
 //! `config check`, validation messages, the banner, and secure defaults.
 
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
 use serde_json::json;
 
-use crate::helpers::process::{self, Process};
+use crate::helpers::process::{self, Process, command};
+use crate::helpers::redis_server::free_port;
 use crate::helpers::{RedisServer, json};
 
 fn stdout(output: &std::process::Output) -> String {
@@ -264,4 +268,43 @@ async fn serves_with_rs_http_facade_environment() {
     assert_eq!(response.status(), 201);
     let length: u64 = redis.cmd(&["XLEN", "test-stream"]);
     assert_eq!(length, 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keeps_serving_when_its_stdout_is_closed() {
+    // A supervisor that stops reading (or `streamgate | head -1`) must not bring the gateway down.
+    let port = free_port();
+    let address = format!("127.0.0.1:{port}");
+    let mut child = command(&["--http-address", &address, "--bearer-token", "t"], &[])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn streamgate");
+    drop(child.stdout.take());
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let ready = loop {
+        if let Ok(response) = client
+            .get(format!("http://{address}/health/live"))
+            .send()
+            .await
+        {
+            break response.status();
+        }
+        assert!(
+            child.try_wait().expect("wait").is_none(),
+            "streamgate exited after its stdout was closed"
+        );
+        assert!(Instant::now() < deadline, "streamgate did not start");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(ready, 200);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(
+        child.try_wait().expect("wait").is_none(),
+        "streamgate exited"
+    );
+    let _ = child.kill();
+    let _ = child.wait();
 }
