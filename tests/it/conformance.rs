@@ -1162,3 +1162,64 @@ async fn redis_keys_of_other_types_are_refused() {
     );
     assert!(backend.list_streams().await.unwrap().is_empty());
 }
+
+/// `total_reads_processed` from the server's `INFO stats`: how many socket reads it served.
+fn reads_processed(server: &RedisServer) -> u64 {
+    let info: String = server.cmd(&["INFO", "stats"]);
+    info.lines()
+        .find_map(|line| line.strip_prefix("total_reads_processed:"))
+        .and_then(|value| value.trim().parse().ok())
+        .expect("total_reads_processed")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_concurrent_commands_are_batched_and_keep_their_own_outcomes() {
+    let Some(server) = RedisServer::start() else {
+        return;
+    };
+    let backend = connect(&server).await;
+    let _: () = server.cmd(&["SET", "text", "1"]);
+    backend.ping().await.unwrap();
+    const N: usize = 200;
+    let reads_before = reads_processed(&server);
+    let appends: Vec<_> = (0..N)
+        .map(|index| {
+            let backend = backend.clone();
+            // Every tenth goes to the key that is not a stream.
+            let name = if index % 10 == 0 {
+                "text".to_owned()
+            } else {
+                format!("s{}", index % 3)
+            };
+            tokio::spawn(async move {
+                let outcome = backend
+                    .append(&stream(&name), request(vec![message(&index.to_string())]))
+                    .await;
+                (name, outcome)
+            })
+        })
+        .collect();
+    let mut written = std::collections::HashMap::<String, usize>::new();
+    for append in appends {
+        let (name, outcome) = append.await.unwrap();
+        if name == "text" {
+            assert!(
+                matches!(outcome, Err(BackendError::WrongType)),
+                "{outcome:?}"
+            );
+        } else {
+            assert_eq!(outcome.unwrap().ids.len(), 1);
+            *written.entry(name).or_default() += 1;
+        }
+    }
+    // The reads Redis served include the INFO command itself.
+    let reads = reads_processed(&server) - reads_before;
+    assert!(
+        reads < N as u64 / 4,
+        "{N} concurrent appends took {reads} reads: not batched"
+    );
+    for (name, count) in written {
+        let length: usize = server.cmd(&["XLEN", &name]);
+        assert_eq!(length, count, "{name}");
+    }
+}

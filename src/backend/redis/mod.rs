@@ -2,6 +2,7 @@
 //! Writes of several commands go in one pipeline (`MULTI`/`EXEC` where they must be atomic);
 //! idempotent appends run as one Lua script so that racing retries write exactly once.
 
+mod batch;
 mod parse;
 mod pool;
 
@@ -12,13 +13,14 @@ use redis::{AsyncConnectionConfig, Client, Cmd, FromRedisValue, RedisError, Valu
 use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
+use self::batch::Batcher;
 use self::pool::{BlockingConnections, Pool};
 use super::{
     AppendOutcome, AppendRequest, Backend, BackendError, ClaimPage, ConsumerInfo, Delivery,
     Direction, GroupBatch, GroupCursor, GroupRead, GroupStart, PendingEntry, PendingQuery,
     RangeQuery, Retention, StreamInfo, StreamStats, Trim,
 };
-use crate::model::{ConsumerName, Entry, EntryId, GroupName, StreamName, now_ms};
+use crate::model::{ConsumerName, Entry, EntryId, GroupName, NewEntry, StreamName, now_ms};
 
 /// How many dedicated connections blocking reads may use at once.
 const BLOCKING_CONNECTIONS: usize = 8;
@@ -184,6 +186,7 @@ pub struct RedisBackend {
 
 struct Inner {
     pool: Arc<Pool>,
+    batcher: Batcher,
     blocking: Arc<BlockingConnections>,
     display_address: String,
     idempotent_append: redis::Script,
@@ -220,6 +223,7 @@ impl RedisBackend {
         .await?;
         Ok(RedisBackend {
             inner: Arc::new(Inner {
+                batcher: Batcher::start(pool.clone()),
                 pool,
                 blocking,
                 display_address: options.display_address.clone(),
@@ -244,12 +248,9 @@ impl RedisBackend {
         self.inner.pool.wait_until_up().await
     }
 
-    async fn query<T: FromRedisValue>(&self, command: &Cmd) -> Result<T, BackendError> {
-        let mut lease = self.inner.pool.lease()?;
-        let value: Value = command
-            .query_async(&mut lease.connection)
-            .await
-            .map_err(|error| lease.fail(error))?;
+    /// One command, sent together with other callers' (see `batch`). Never a blocking one.
+    async fn query<T: FromRedisValue>(&self, command: Cmd) -> Result<T, BackendError> {
+        let value = self.inner.batcher.query(command).await?;
         T::from_redis_value(value).map_err(|error| BackendError::Internal(error.to_string()))
     }
 
@@ -286,7 +287,7 @@ impl RedisBackend {
         let outcome = tokio::select! {
             outcome = &mut read => outcome,
             _ = interrupt => {
-                let _: Result<Value, _> = self.query(redis::cmd("CLIENT").arg("UNBLOCK").arg(client_id)).await;
+                let _: Result<Value, _> = self.query(redis::cmd("CLIENT").arg("UNBLOCK").arg(client_id).clone()).await;
                 read.await
             }
         };
@@ -412,6 +413,30 @@ pub(super) fn map_error(error: RedisError) -> BackendError {
     }
 }
 
+/// `XADD` of one entry, trimming as `retention` says.
+fn xadd(
+    stream: &StreamName,
+    retention: &Retention,
+    min_id: Option<EntryId>,
+    entry: &NewEntry,
+) -> Cmd {
+    let mut command = redis::cmd("XADD");
+    command.arg(stream.as_str());
+    if let Some(max_len) = retention.max_len {
+        command.arg("MAXLEN").arg("~").arg(max_len);
+    } else if let Some(min_id) = min_id {
+        command.arg("MINID").arg("~").arg(min_id.to_string());
+    }
+    match entry.id {
+        Some(id) => command.arg(id.to_string()),
+        None => command.arg("*"),
+    };
+    for (field, value) in entry.fields() {
+        command.arg(field.as_ref()).arg(value.as_ref());
+    }
+    command
+}
+
 /// The server's error code (`WRONGTYPE`, `OOM`, …), also when the error came from a pipeline.
 fn server_error_code(error: &RedisError) -> Option<String> {
     if let Some(code) = error.code() {
@@ -448,12 +473,12 @@ fn is_no_such_key(error: &RedisError) -> bool {
 
 impl Backend for RedisBackend {
     async fn ping(&self) -> Result<(), BackendError> {
-        let _: Value = self.query(&redis::cmd("PING")).await?;
+        let _: Value = self.query(redis::cmd("PING")).await?;
         Ok(())
     }
 
     async fn server_info(&self) -> Result<String, BackendError> {
-        self.query(&redis::cmd("INFO")).await
+        self.query(redis::cmd("INFO")).await
     }
 
     async fn append(
@@ -468,28 +493,22 @@ impl Backend for RedisBackend {
             return self.idempotent_append(stream, &request, key, min_id).await;
         }
         let retention = &request.retention;
-        let mut pipeline = redis::pipe();
-        // One command needs no transaction; several must become visible together.
         let n_commands = request.entries.len()
             + usize::from(retention.max_len.is_some() && min_id.is_some())
             + usize::from(retention.idle_ttl.is_some());
-        if n_commands > 1 {
-            pipeline.atomic();
+        if let ([entry], 1) = (request.entries.as_slice(), n_commands) {
+            // The usual publish: one XADD, batched with other callers' commands.
+            let id = self.query(xadd(stream, retention, min_id, entry)).await?;
+            return Ok(AppendOutcome {
+                ids: vec![parse::entry_id(id)?],
+                replayed: false,
+            });
         }
+        // Several commands must become visible together.
+        let mut pipeline = redis::pipe();
+        pipeline.atomic();
         for entry in &request.entries {
-            let command = pipeline.cmd("XADD").arg(stream.as_str());
-            if let Some(max_len) = retention.max_len {
-                command.arg("MAXLEN").arg("~").arg(max_len);
-            } else if let Some(min_id) = min_id {
-                command.arg("MINID").arg("~").arg(min_id.to_string());
-            }
-            match entry.id {
-                Some(id) => command.arg(id.to_string()),
-                None => command.arg("*"),
-            };
-            for (field, value) in entry.fields() {
-                command.arg(field.as_ref()).arg(value.as_ref());
-            }
+            pipeline.add_command(xadd(stream, retention, min_id, entry));
         }
         if let (Some(_), Some(min_id)) = (retention.max_len, min_id) {
             pipeline
@@ -557,7 +576,8 @@ impl Backend for RedisBackend {
                         .arg("COUNT")
                         .arg(1000)
                         .arg("TYPE")
-                        .arg("stream"),
+                        .arg("stream")
+                        .clone(),
                 )
                 .await?;
             names.extend(batch.into_iter().map(StreamName::from_backend));
@@ -592,7 +612,7 @@ impl Backend for RedisBackend {
     }
 
     async fn flush(&self) -> Result<(), BackendError> {
-        let _: Value = self.query(&redis::cmd("FLUSHDB")).await?;
+        let _: Value = self.query(redis::cmd("FLUSHDB")).await?;
         Ok(())
     }
 
@@ -620,7 +640,7 @@ impl Backend for RedisBackend {
         }
         let reply = match block {
             Some(block) => self.blocking_read(command, block, interrupt).await?,
-            None => self.query(&command).await?,
+            None => self.query(command).await?,
         };
         parse::streams(reply)
     }
@@ -638,7 +658,7 @@ impl Backend for RedisBackend {
         for id in ids {
             command.arg(id.to_string());
         }
-        self.query(&command).await
+        self.query(command).await
     }
 
     async fn trim(&self, stream: &StreamName, trim: Trim) -> Result<u64, BackendError> {
@@ -648,7 +668,7 @@ impl Backend for RedisBackend {
             Trim::MaxLen(max_len) => command.arg("MAXLEN").arg(max_len),
             Trim::MinId(min_id) => command.arg("MINID").arg(min_id.to_string()),
         };
-        self.query(&command).await
+        self.query(command).await
     }
 
     async fn delete_stream(&self, stream: &StreamName) -> Result<bool, BackendError> {
@@ -690,7 +710,7 @@ impl Backend for RedisBackend {
             .arg(stream.as_str())
             .arg(group.as_str())
             .clone();
-        match self.query::<i64>(&command).await.map_err(group_error) {
+        match self.query::<i64>(command).await.map_err(group_error) {
             Ok(destroyed) => Ok(destroyed == 1),
             Err(BackendError::GroupNotFound) => Ok(false),
             Err(error) => Err(error),
@@ -802,7 +822,7 @@ impl Backend for RedisBackend {
         for id in ids {
             command.arg(id.to_string());
         }
-        self.query(&command).await
+        self.query(command).await
     }
 
     async fn claim_idle(
@@ -859,7 +879,7 @@ impl Backend for RedisBackend {
         if let Some(consumer) = &query.consumer {
             command.arg(consumer.as_str());
         }
-        let reply: Value = self.query(&command).await.map_err(group_error)?;
+        let reply: Value = self.query(command).await.map_err(group_error)?;
         parse::pending(reply)
     }
 
@@ -873,7 +893,7 @@ impl Backend for RedisBackend {
             .arg(stream.as_str())
             .arg(group.as_str())
             .clone();
-        let reply: Value = self.query(&command).await.map_err(group_error)?;
+        let reply: Value = self.query(command).await.map_err(group_error)?;
         parse::consumers(reply)
     }
 
