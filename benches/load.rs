@@ -11,7 +11,7 @@
 //! - `batch`: 100 messages per request, 50 connections, 5 s: vs `redis-benchmark XADD -c 50 -P 64`.
 //! - `fanout`: 1,000 SSE subscribers × 1,000 messages, every delivery counted: vs nchan (Redis
 //!   mode); then publish-to-receipt latency for 100 subscribers at 20 messages/s for 5 s.
-//! - `group`: 10 SSE consumers of one group consuming and finishing 50,000 messages: vs 10 raw
+//! - `group`: 10 SSE consumers of one group consuming and finishing 200,000 messages: vs 10 raw
 //!   Redis clients running XREADGROUP COUNT 100 + XACK.
 //! - `idle`: resident memory per idle SSE subscriber and per idle (subscribed) WebSocket, at
 //!   10,000 connections each.
@@ -744,7 +744,7 @@ async fn fanout(rows: &mut Vec<Row>, server: &Server, peers: Option<&Peers>) {
 
 /// Scenario 4: consumer group, consume + finish, against raw XREADGROUP/XACK.
 async fn group(rows: &mut Vec<Row>, server: &Server, redis: &Redis) {
-    const MESSAGES: usize = 50_000;
+    const MESSAGES: usize = 200_000;
     const CONSUMERS: usize = 10;
     const STREAM: &str = "bench-group";
     let mut connection = Connection::open(&server.address).await;

@@ -130,12 +130,13 @@ async fn events(
         Mode::AtLeastOnce => metrics::mode::AT_LEAST_ONCE,
         Mode::AtMostOnce => metrics::mode::AT_MOST_ONCE,
     };
+    let tail = frame_tail(&subscription);
     let frames = futures_util::stream::unfold(subscription, move |mut subscription| {
-        let metrics = metrics.clone();
+        let (metrics, tail) = (metrics.clone(), tail.clone());
         async move {
             let message = subscription.next().await?;
             metrics.delivered(metrics::transport::SSE, mode, &message.entry);
-            Some((message_frame(&subscription, &message), subscription))
+            Some((message_frame(&message, &tail), subscription))
         }
     });
     Ok(sse::response(
@@ -147,23 +148,28 @@ async fn events(
     ))
 }
 
+/// What every message of a subscription ends with: `,"stream":…,"group":…,"consumer":…`.
+fn frame_tail(subscription: &Subscription) -> Bytes {
+    Bytes::from(format!(
+        r#","stream":{},"group":{},"consumer":{}"#,
+        json_string(subscription.stream.as_str()),
+        json_string(subscription.group.as_str()),
+        json_string(subscription.consumer.as_str()),
+    ))
+}
+
 /// `id: …` and `data: {"id","body","stream","group","consumer","deliveries"}`.
-fn message_frame(subscription: &Subscription, message: &GroupMessage) -> Bytes {
+fn message_frame(message: &GroupMessage, tail: &[u8]) -> Bytes {
     let id = message.entry.id.to_string();
     let body = message.entry.body_json();
-    let mut data = Vec::with_capacity(body.len() + 160);
+    let mut data = Vec::with_capacity(body.len() + tail.len() + id.len() + 48);
     data.extend_from_slice(b"{\"id\":\"");
     data.extend_from_slice(id.as_bytes());
     data.extend_from_slice(b"\",\"body\":");
     data.extend_from_slice(&body);
-    data.extend_from_slice(b",\"stream\":");
-    data.extend_from_slice(json_string(subscription.stream.as_str()).as_bytes());
-    data.extend_from_slice(b",\"group\":");
-    data.extend_from_slice(json_string(subscription.group.as_str()).as_bytes());
-    data.extend_from_slice(b",\"consumer\":");
-    data.extend_from_slice(json_string(subscription.consumer.as_str()).as_bytes());
+    data.extend_from_slice(tail);
     data.extend_from_slice(b",\"deliveries\":");
-    data.extend_from_slice(message.deliveries.to_string().as_bytes());
+    data.extend_from_slice(itoa::Buffer::new().format(message.deliveries).as_bytes());
     data.push(b'}');
     sse::frame(None, Some(&id), &data)
 }

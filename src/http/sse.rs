@@ -21,6 +21,14 @@ pub const KEEPALIVE: &[u8] = b": keepalive\n\n";
 /// field (SSE joins them with `\n`, so JSON stays valid: line breaks in JSON text are only ever
 /// whitespace).
 fn put_field(frame: &mut BytesMut, field: &[u8], value: &[u8]) {
+    if memchr::memchr2(b'\n', b'\r', value).is_none() {
+        // The usual case (compact JSON): one line.
+        frame.put_slice(field);
+        frame.put_slice(b": ");
+        frame.put_slice(value);
+        frame.put_u8(b'\n');
+        return;
+    }
     for line in value.split(|&byte| byte == b'\n') {
         let line = line.strip_suffix(b"\r").unwrap_or(line);
         for part in line.split(|&byte| byte == b'\r') {
