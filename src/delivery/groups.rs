@@ -4,10 +4,10 @@
 //!
 //! Each connection is its own consumer of the backend's group. One dispatcher task per
 //! (stream, group) with live consumers here reads *on behalf of* the consumers that have free
-//! credit (limit minus messages in flight), round-robin, in chunks; it reads new entries only
-//! when the stream watcher says the stream grew, when credit frees up, or on its claim timer. So
-//! the number of backend round trips follows the messages, not the number of consumers, and an
-//! idle consumer costs nothing.
+//! credit (limit minus messages in flight), in rounds of one chunk each, read together; it reads
+//! new entries only when the stream watcher says the stream grew, when credit frees up, or on its
+//! claim timer. So the number of backend round trips follows the messages, not the number of
+//! consumers, and an idle consumer costs nothing.
 //!
 //! Every `visibility_timeout / 4` the dispatcher also claims entries idle for
 //! `visibility_timeout` (walking the whole pending list with the claim cursor) for its consumers
@@ -25,8 +25,8 @@ use tokio_util::sync::CancellationToken;
 
 use super::watcher::Watcher;
 use crate::backend::{
-    AnyBackend, Backend, BackendError, Delivery, GroupCursor, GroupRead, GroupStart, PendingQuery,
-    backoff_delay,
+    AnyBackend, Backend, BackendError, Delivery, GroupBatch, GroupCursor, GroupRead, GroupStart,
+    PendingQuery, backoff_delay,
 };
 use crate::metrics::Metrics;
 use crate::model::{ConsumerName, Entry, EntryId, GroupName, StreamName, now_ms};
@@ -35,7 +35,7 @@ use crate::model::{ConsumerName, Entry, EntryId, GroupName, StreamName, now_ms};
 pub const MAX_LIMIT: u32 = 10_000;
 
 /// Most entries read for one consumer in one round, so a backlog is spread over consumers.
-const CHUNK: usize = 64;
+const CHUNK: usize = 128;
 
 /// Most entries claimed in one claim step.
 const CLAIM_STEP: usize = 100;
@@ -177,13 +177,14 @@ impl Dispatch {
         lock(&self.state)
     }
 
-    /// The next consumer with credit and something to do, round-robin.
-    fn next_work(&self) -> Option<(Arc<LocalConsumer>, Work)> {
+    /// One piece of work for every consumer with credit and something to do, starting one
+    /// further along each round (whoever comes first gets a short backlog first).
+    fn round(&self) -> Vec<(Arc<LocalConsumer>, Work)> {
         let mut state = self.state();
         let n = state.consumers.len();
+        let mut works = Vec::new();
         for offset in 0..n {
-            let index = (state.next + offset) % n;
-            let consumer = state.consumers[index].clone();
+            let consumer = &state.consumers[(state.next + offset) % n];
             let credit = consumer.credit();
             if credit == 0 {
                 continue;
@@ -193,10 +194,10 @@ impl Dispatch {
                 None if !state.drained => Work::New(credit.min(CHUNK)),
                 None => continue,
             };
-            state.next = index + 1;
-            return Some((consumer, work));
+            works.push((consumer.clone(), work));
         }
-        None
+        state.next = state.next.wrapping_add(1);
+        works
     }
 
     /// The at-least-once consumer with the most credit, to claim idle entries for.
@@ -681,53 +682,90 @@ impl Shared {
         Ok(())
     }
 
-    /// Reads for consumers with credit until none has anything to do.
+    /// Reads for consumers with credit until none has anything to do. Each round reads for all
+    /// of them at once (the reads share one round trip, see the Redis batcher) and delivers every
+    /// read that succeeded before reporting a failed one: what was read is pending for its
+    /// consumer (or, without acknowledgement, read only once), so it must not be dropped.
     async fn serve(&self, dispatch: &Dispatch) -> Result<(), BackendError> {
-        let (stream, group) = &dispatch.key;
-        while let Some((consumer, work)) = dispatch.next_work() {
-            match work {
-                Work::Replay(after, count) => {
-                    let read = GroupRead {
-                        cursor: GroupCursor::PendingAfter(after),
-                        count,
-                        no_ack: false,
-                    };
-                    let batch = self
-                        .backend
-                        .read_group(stream, group, &consumer.name, read)
-                        .await?;
-                    let returned = batch.deliveries.len() + batch.deleted.len();
-                    let last = batch
-                        .deliveries
-                        .iter()
-                        .map(|d| d.entry.id)
-                        .chain(batch.deleted.iter().copied())
-                        .max();
-                    *lock(&consumer.replay_from) = last.filter(|_| returned >= count);
-                    if !batch.deleted.is_empty() {
-                        // Gone from the stream: nothing to deliver, nothing to wait for.
-                        self.backend
-                            .ack(stream, group, &batch.deleted, false)
-                            .await?;
-                    }
-                    self.deliver(dispatch, &consumer, batch.deliveries).await?;
-                }
-                Work::New(count) => {
-                    let read = GroupRead {
-                        cursor: GroupCursor::New,
-                        count,
-                        no_ack: consumer.mode == Mode::AtMostOnce,
-                    };
-                    let batch = self
-                        .backend
-                        .read_group(stream, group, &consumer.name, read)
-                        .await?;
-                    if batch.deliveries.len() < count {
-                        dispatch.state().drained = true;
-                    }
-                    self.deliver(dispatch, &consumer, batch.deliveries).await?;
+        loop {
+            let works = dispatch.round();
+            if works.is_empty() {
+                return Ok(());
+            }
+            let reads = works
+                .iter()
+                .map(|(consumer, work)| self.read(dispatch, consumer, work));
+            let batches = futures_util::future::join_all(reads).await;
+            let mut failure = None;
+            for ((consumer, work), batch) in works.into_iter().zip(batches) {
+                let taken = match batch {
+                    Ok(batch) => self.take(dispatch, &consumer, work, batch).await,
+                    Err(error) => Err(error),
+                };
+                if let Err(error) = taken {
+                    failure.get_or_insert(error);
                 }
             }
+            if let Some(error) = failure {
+                return Err(error);
+            }
+        }
+    }
+
+    /// One consumer's read of a round.
+    async fn read(
+        &self,
+        dispatch: &Dispatch,
+        consumer: &LocalConsumer,
+        work: &Work,
+    ) -> Result<GroupBatch, BackendError> {
+        let (stream, group) = &dispatch.key;
+        let read = match *work {
+            Work::Replay(after, count) => GroupRead {
+                cursor: GroupCursor::PendingAfter(after),
+                count,
+                no_ack: false,
+            },
+            Work::New(count) => GroupRead {
+                cursor: GroupCursor::New,
+                count,
+                no_ack: consumer.mode == Mode::AtMostOnce,
+            },
+        };
+        self.backend
+            .read_group(stream, group, &consumer.name, read)
+            .await
+    }
+
+    /// Delivers what one consumer's read returned, and notes where its reading goes on.
+    async fn take(
+        &self,
+        dispatch: &Dispatch,
+        consumer: &LocalConsumer,
+        work: Work,
+        batch: GroupBatch,
+    ) -> Result<(), BackendError> {
+        let (stream, group) = &dispatch.key;
+        let returned = batch.deliveries.len() + batch.deleted.len();
+        match work {
+            Work::Replay(_, count) => {
+                let last = batch
+                    .deliveries
+                    .iter()
+                    .map(|d| d.entry.id)
+                    .chain(batch.deleted.iter().copied())
+                    .max();
+                *lock(&consumer.replay_from) = last.filter(|_| returned >= count);
+            }
+            Work::New(count) if returned < count => dispatch.state().drained = true,
+            Work::New(_) => {}
+        }
+        self.deliver(dispatch, consumer, batch.deliveries).await?;
+        if !batch.deleted.is_empty() {
+            // Gone from the stream while pending: nothing to deliver, nothing to wait for.
+            self.backend
+                .ack(stream, group, &batch.deleted, false)
+                .await?;
         }
         Ok(())
     }

@@ -741,9 +741,8 @@ impl Backend for RedisBackend {
         consumer: &ConsumerName,
         read: GroupRead,
     ) -> Result<GroupBatch, BackendError> {
-        let mut pipeline = redis::pipe();
-        let command = pipeline
-            .cmd("XREADGROUP")
+        let mut command = redis::cmd("XREADGROUP");
+        command
             .arg("GROUP")
             .arg(group.as_str())
             .arg(consumer.as_str())
@@ -753,14 +752,19 @@ impl Backend for RedisBackend {
             command.arg("NOACK");
         }
         command.arg("STREAMS").arg(stream.as_str());
-        match read.cursor {
+        let (read_reply, counts) = match read.cursor {
             GroupCursor::New => {
                 command.arg(">");
+                // Every new entry is on its first delivery.
+                let reply: Value = self.query(command).await.map_err(group_error)?;
+                (reply, std::collections::HashMap::new())
             }
             GroupCursor::PendingAfter(after) => {
                 command.arg(after.to_string());
                 // XREADGROUP does not say how often an entry was delivered; the pending list
                 // does, for exactly the entries it returned (the same bounds, the same owner).
+                let mut pipeline = redis::pipe();
+                pipeline.add_command(command);
                 pipeline
                     .cmd("XPENDING")
                     .arg(stream.as_str())
@@ -769,20 +773,19 @@ impl Backend for RedisBackend {
                     .arg("+")
                     .arg(read.count.max(1))
                     .arg(consumer.as_str());
+                let mut replies = self
+                    .query_pipeline(&pipeline)
+                    .await
+                    .map_err(group_error)?
+                    .into_iter();
+                let read_reply = replies.next().unwrap_or(Value::Nil);
+                let counts: std::collections::HashMap<EntryId, u64> =
+                    parse::pending(replies.next().unwrap_or(Value::Nil))?
+                        .into_iter()
+                        .map(|entry| (entry.id, entry.deliveries))
+                        .collect();
+                (read_reply, counts)
             }
-        }
-        let mut replies = self
-            .query_pipeline(&pipeline)
-            .await
-            .map_err(group_error)?
-            .into_iter();
-        let read_reply = replies.next().unwrap_or(Value::Nil);
-        let counts: std::collections::HashMap<EntryId, u64> = match replies.next() {
-            Some(pending) => parse::pending(pending)?
-                .into_iter()
-                .map(|entry| (entry.id, entry.deliveries))
-                .collect(),
-            None => Default::default(),
         };
         let mut batch = GroupBatch::default();
         for (_, entries) in parse::group_streams(read_reply)? {
