@@ -12,7 +12,8 @@ use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::Response;
 use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
-use tokio_util::sync::CancellationToken;
+use tokio::time::Instant;
+use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 /// The comment sent when nothing else has been sent for a keep-alive interval.
 pub const KEEPALIVE: &[u8] = b": keepalive\n\n";
@@ -72,20 +73,17 @@ pub fn response<G: Send + 'static>(
 ) -> Response {
     struct State<S, G> {
         events: std::pin::Pin<Box<S>>,
-        keepalive: Option<tokio::time::Interval>,
-        shutdown: CancellationToken,
+        /// Set when keep-alives are on: the next one is due `period` after the last bytes sent.
+        keepalive: Option<KeepAlive>,
+        /// Made once (registering with the token once, not once per event).
+        shutdown: std::pin::Pin<Box<WaitForCancellationFutureOwned>>,
         started: bool,
         _guard: G,
     }
-    let keepalive = keepalive.map(|period| {
-        let mut interval = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
-        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        interval
-    });
     let state = State {
         events: Box::pin(events),
-        keepalive,
-        shutdown,
+        keepalive: keepalive.map(KeepAlive::new),
+        shutdown: Box::pin(shutdown.cancelled_owned()),
         started: false,
         _guard: guard,
     };
@@ -97,12 +95,12 @@ pub fn response<G: Send + 'static>(
         }
         let next = tokio::select! {
             biased;
-            _ = state.shutdown.cancelled() => None,
+            _ = state.shutdown.as_mut() => None,
             event = state.events.next() => event,
-            _ = tick(&mut state.keepalive) => Some(Bytes::from_static(KEEPALIVE)),
+            _ = due(&mut state.keepalive) => Some(Bytes::from_static(KEEPALIVE)),
         };
         if let (Some(_), Some(keepalive)) = (&next, state.keepalive.as_mut()) {
-            keepalive.reset();
+            keepalive.sent();
         }
         next.map(|bytes| (bytes, state))
     });
@@ -125,18 +123,82 @@ pub fn response<G: Send + 'static>(
     response
 }
 
-async fn tick(interval: &mut Option<tokio::time::Interval>) {
-    match interval {
-        Some(interval) => {
-            interval.tick().await;
+/// When the next keep-alive comment is due. Sending an event only notes the time; the timer is
+/// moved when it fires early, so a busy stream does not re-arm a timer for every event.
+struct KeepAlive {
+    period: Duration,
+    last_sent: Instant,
+    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl KeepAlive {
+    fn new(period: Duration) -> KeepAlive {
+        let now = Instant::now();
+        KeepAlive {
+            period,
+            last_sent: now,
+            timer: Box::pin(tokio::time::sleep_until(now + period)),
         }
-        None => std::future::pending().await,
+    }
+
+    fn sent(&mut self) {
+        self.last_sent = Instant::now();
+    }
+}
+
+/// Resolves when a keep-alive is due: `period` after the last bytes sent.
+async fn due(keepalive: &mut Option<KeepAlive>) {
+    let Some(keepalive) = keepalive else {
+        return std::future::pending().await;
+    };
+    loop {
+        keepalive.timer.as_mut().await;
+        let due_at = keepalive.last_sent + keepalive.period;
+        if Instant::now() >= due_at {
+            return;
+        }
+        keepalive.timer.as_mut().reset(due_at);
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[tokio::test]
+    async fn keepalives_come_only_after_a_quiet_period() {
+        let period = Duration::from_millis(300);
+        let (sender, receiver) = tokio::sync::mpsc::channel::<Bytes>(8);
+        let events = tokio_stream::wrappers::ReceiverStream::new(receiver);
+        let response = response(events, Some(period), CancellationToken::new(), vec![], ());
+        let mut body = response.into_body().into_data_stream();
+        let first = body.next().await.unwrap().unwrap();
+        assert!(first.starts_with(b": connected"));
+        // Busy: an event every 100 ms for a second, never a keep-alive in between.
+        for n in 0..10 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            sender
+                .send(frame(None, None, n.to_string().as_bytes()))
+                .await
+                .unwrap();
+            let next = body.next().await.unwrap().unwrap();
+            assert_ne!(next, Bytes::from_static(KEEPALIVE), "after {n} events");
+        }
+        // Quiet: the keep-alive comes one period after the last event, not before.
+        let quiet = Instant::now();
+        let next = tokio::time::timeout(Duration::from_secs(2), body.next())
+            .await
+            .expect("a keep-alive")
+            .unwrap()
+            .unwrap();
+        assert_eq!(next, Bytes::from_static(KEEPALIVE));
+        assert!(
+            quiet.elapsed() >= period - Duration::from_millis(20),
+            "{:?}",
+            quiet.elapsed()
+        );
+        drop(sender);
+    }
 
     #[test]
     fn frames_split_data_lines() {
