@@ -164,7 +164,8 @@ struct DispatchState {
 
 /// The dispatcher of one (stream, group) on this instance.
 struct Dispatch {
-    key: GroupKey,
+    /// Shared with the delivery records.
+    key: Arc<GroupKey>,
     state: Mutex<DispatchState>,
     wake: Notify,
     claim_requested: AtomicBool,
@@ -227,7 +228,7 @@ impl Dispatch {
 
 /// A record of a delivery, so seed 000's `POST /api/messages/{id}/finish` can find its group.
 struct Delivered {
-    key: GroupKey,
+    key: Arc<GroupKey>,
     consumer: ConsumerName,
     /// Set when the consumer disconnected; the record is dropped a visibility timeout later.
     orphaned_at: Option<Instant>,
@@ -348,7 +349,7 @@ impl Groups {
                 .entry(key.clone())
                 .or_insert_with(|| {
                     let dispatch = Arc::new(Dispatch {
-                        key: key.clone(),
+                        key: Arc::new(key.clone()),
                         state: Mutex::new(DispatchState::default()),
                         wake: Notify::new(),
                         claim_requested: AtomicBool::new(false),
@@ -526,10 +527,10 @@ impl Shared {
                 .position(|consumer| consumer.name == *name);
             let removed = position.map(|position| state.consumers.remove(position));
             let current = dispatches
-                .get(&dispatch.key)
+                .get(&*dispatch.key)
                 .is_some_and(|live| Arc::ptr_eq(live, dispatch));
             if state.consumers.is_empty() && current {
-                dispatches.remove(&dispatch.key);
+                dispatches.remove(&*dispatch.key);
                 dispatch.stop.cancel();
             }
             removed
@@ -563,7 +564,7 @@ impl Shared {
             let mut delivered = lock(&self.delivered);
             for id in ids {
                 if let Some(records) = delivered.get_mut(id) {
-                    records.retain(|record| record.key != *key);
+                    records.retain(|record| *record.key != *key);
                     if records.is_empty() {
                         delivered.remove(id);
                     }
@@ -593,15 +594,18 @@ impl Shared {
         }
     }
 
-    fn record_delivery(&self, key: &GroupKey, consumer: &ConsumerName, id: EntryId) {
+    /// Records the deliveries of `ids` to `consumer` (one lock for a read's worth).
+    fn record_deliveries(&self, key: &Arc<GroupKey>, consumer: &ConsumerName, ids: &[EntryId]) {
         let mut delivered = lock(&self.delivered);
-        let records = delivered.entry(id).or_default();
-        records.retain(|record| record.key != *key);
-        records.push(Delivered {
-            key: key.clone(),
-            consumer: consumer.clone(),
-            orphaned_at: None,
-        });
+        for id in ids {
+            let records = delivered.entry(*id).or_default();
+            records.retain(|record| record.key != *key);
+            records.push(Delivered {
+                key: key.clone(),
+                consumer: consumer.clone(),
+                orphaned_at: None,
+            });
+        }
     }
 
     /// Hands read entries to `consumer`, except those over `max_deliveries` (dead-lettered) and
@@ -612,25 +616,30 @@ impl Shared {
         consumer: &LocalConsumer,
         deliveries: Vec<Delivery>,
     ) -> Result<(), BackendError> {
-        let (stream, group) = &dispatch.key;
+        let (stream, group) = &*dispatch.key;
         let now = now_ms();
         let at_least_once = consumer.mode == Mode::AtLeastOnce;
         let max_deliveries = u64::from(self.settings.max_deliveries);
         let mut expired = Vec::new();
+        let mut ready = Vec::with_capacity(deliveries.len());
         for delivery in deliveries {
-            let id = delivery.entry.id;
             if at_least_once && max_deliveries > 0 && delivery.deliveries > max_deliveries {
                 self.dead_letter(dispatch, &delivery).await?;
-                continue;
+            } else if delivery.entry.is_expired(now) {
+                expired.push(delivery.entry.id);
+            } else {
+                ready.push(delivery);
             }
-            if delivery.entry.is_expired(now) {
-                expired.push(id);
-                continue;
-            }
-            if at_least_once {
-                lock(&consumer.in_flight).insert(id, Instant::now());
-                self.record_delivery(&dispatch.key, &consumer.name, id);
-            }
+        }
+        if at_least_once {
+            // In flight before it is sent: a finish may come back at once.
+            let ids: Vec<EntryId> = ready.iter().map(|delivery| delivery.entry.id).collect();
+            let sent_at = Instant::now();
+            lock(&consumer.in_flight).extend(ids.iter().map(|id| (*id, sent_at)));
+            self.record_deliveries(&dispatch.key, &consumer.name, &ids);
+        }
+        for delivery in ready {
+            let id = delivery.entry.id;
             let message = GroupMessage {
                 entry: delivery.entry,
                 deliveries: delivery.deliveries,
@@ -658,7 +667,7 @@ impl Shared {
         dispatch: &Dispatch,
         delivery: &Delivery,
     ) -> Result<(), BackendError> {
-        let (stream, group) = &dispatch.key;
+        let (stream, group) = &*dispatch.key;
         let id = delivery.entry.id;
         let mut fields = delivery.entry.fields.clone();
         let extra: [(&str, String); 4] = [
@@ -719,7 +728,7 @@ impl Shared {
         consumer: &LocalConsumer,
         work: &Work,
     ) -> Result<GroupBatch, BackendError> {
-        let (stream, group) = &dispatch.key;
+        let (stream, group) = &*dispatch.key;
         let read = match *work {
             Work::Replay(after, count) => GroupRead {
                 cursor: GroupCursor::PendingAfter(after),
@@ -745,7 +754,7 @@ impl Shared {
         work: Work,
         batch: GroupBatch,
     ) -> Result<(), BackendError> {
-        let (stream, group) = &dispatch.key;
+        let (stream, group) = &*dispatch.key;
         let returned = batch.deliveries.len() + batch.deleted.len();
         match work {
             Work::Replay(_, count) => {
@@ -772,7 +781,7 @@ impl Shared {
 
     /// Claims entries idle for the visibility timeout, walking the whole pending list.
     async fn claim(&self, dispatch: &Dispatch) -> Result<(), BackendError> {
-        let (stream, group) = &dispatch.key;
+        let (stream, group) = &*dispatch.key;
         let mut cursor = EntryId::MIN;
         while let Some(consumer) = dispatch.claimer() {
             let count = consumer.credit().min(CLAIM_STEP);
@@ -805,7 +814,7 @@ impl Shared {
     /// Frees credit held by messages sent longer than a visibility timeout ago that the consumer
     /// no longer owns (claimed by another instance, dead-lettered, acknowledged elsewhere).
     async fn reconcile(&self, dispatch: &Dispatch) -> Result<(), BackendError> {
-        let (stream, group) = &dispatch.key;
+        let (stream, group) = &*dispatch.key;
         let consumers = dispatch.state().consumers.clone();
         for consumer in consumers {
             let stale: Vec<EntryId> = lock(&consumer.in_flight)
@@ -841,7 +850,7 @@ impl Shared {
     /// Removes consumers of the group that own nothing and have been idle for `cleanup_after`
     /// (every connection with a generated name leaves one behind).
     async fn clean_up(&self, dispatch: &Dispatch) -> Result<(), BackendError> {
-        let (stream, group) = &dispatch.key;
+        let (stream, group) = &*dispatch.key;
         let local: Vec<ConsumerName> = dispatch
             .state()
             .consumers
@@ -870,10 +879,10 @@ impl Shared {
     fn close(&self, dispatch: &Arc<Dispatch>) {
         let mut dispatches = lock(&self.dispatches);
         if dispatches
-            .get(&dispatch.key)
+            .get(&*dispatch.key)
             .is_some_and(|live| Arc::ptr_eq(live, dispatch))
         {
-            dispatches.remove(&dispatch.key);
+            dispatches.remove(&*dispatch.key);
         }
         // Dropping the consumers drops their senders, which ends their subscriptions.
         dispatch.state().consumers.clear();
