@@ -43,7 +43,11 @@ fn main() -> ExitCode {
 
 fn serve(config: Config) -> ExitCode {
     telemetry::init(config.log_format, &config.log_level);
-    let runtime = match tokio::runtime::Runtime::new() {
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.worker_threads)
+        .enable_all()
+        .build();
+    let runtime = match runtime {
         Ok(runtime) => runtime,
         Err(error) => {
             eprintln!("streamgate: cannot start the async runtime: {error}");

@@ -75,6 +75,7 @@ const KEYS: &[&str] = &[
     "probe.interval",
     "probe.timeout",
     "shutdown_timeout",
+    "worker_threads",
     "log_format",
     "log_level",
 ];
@@ -164,6 +165,8 @@ pub struct Config {
     pub sse_keepalive_interval_sec: Option<Duration>,
     #[serde(serialize_with = "humantime")]
     pub shutdown_timeout: Duration,
+    /// Threads of the async runtime (default: one fewer than the cores, at least one).
+    pub worker_threads: usize,
     pub log_format: LogFormat,
     pub log_level: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -476,6 +479,9 @@ fn read(r: &mut Reader) -> Option<Config> {
     let shutdown_timeout = r
         .duration("shutdown_timeout")
         .unwrap_or(Duration::from_secs(30));
+    let worker_threads = r
+        .integer("worker_threads", 1..=1024)
+        .map_or_else(default_worker_threads, |n| n as usize);
     let log_format = match r.string("log_format").as_deref() {
         None | Some("text") => LogFormat::Text,
         Some("json") => LogFormat::Json,
@@ -528,6 +534,7 @@ fn read(r: &mut Reader) -> Option<Config> {
         sse_keepalive_interval_sec: (sse_keepalive_interval_sec > 0)
             .then(|| Duration::from_secs(sse_keepalive_interval_sec as u64)),
         shutdown_timeout,
+        worker_threads,
         log_format,
         log_level,
         redis,
@@ -942,6 +949,15 @@ fn read_backend(r: &mut Reader) -> (BackendKind, Option<RedisSettings>) {
 /// A random 256-bit token, hex-encoded.
 fn generate_token() -> String {
     hex::encode(rand::random::<[u8; 32]>())
+}
+
+/// One runtime thread fewer than the cores (at least one): the rest is left to the kernel's
+/// network work and to a Redis on the same machine. On two shared cores, one thread served more
+/// than two in every benchmark scenario (see BENCHMARKS.md): no cross-thread wake-ups.
+fn default_worker_threads() -> usize {
+    std::thread::available_parallelism()
+        .map_or(1, |cores| cores.get().saturating_sub(1))
+        .max(1)
 }
 
 #[cfg(test)]

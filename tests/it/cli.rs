@@ -308,3 +308,26 @@ async fn keeps_serving_when_its_stdout_is_closed() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn worker_threads_default_to_one_fewer_than_the_cores() {
+    let cores = std::thread::available_parallelism().unwrap().get();
+    let output = process::run(&["config", "check"], &[]);
+    assert!(output.status.success(), "{}", stderr(&output));
+    let expected = format!("worker_threads = {}", cores.saturating_sub(1).max(1));
+    assert!(stdout(&output).contains(&expected), "{}", stdout(&output));
+
+    let output = process::run(&["config", "check"], &[("STREAMGATE_WORKER_THREADS", "3")]);
+    assert!(
+        stdout(&output).contains("worker_threads = 3"),
+        "{}",
+        stdout(&output)
+    );
+    let output = process::run(&["config", "check"], &[("STREAMGATE_WORKER_THREADS", "0")]);
+    assert_eq!(output.status.code(), Some(2));
+    assert!(
+        stderr(&output).contains("worker_threads"),
+        "{}",
+        stderr(&output)
+    );
+}
