@@ -196,12 +196,14 @@ pub fn group_streams(value: Value) -> Result<Vec<(StreamName, GroupEntries)>, Ba
             };
             let entries = array(entries_value)?
                 .into_iter()
-                .map(|raw| {
-                    let mut fields = array(raw.clone())?.into_iter();
-                    match (fields.next(), fields.next()) {
-                        (Some(id), Some(Value::Nil)) => Ok((entry_id(id)?, None)),
-                        _ => entry(raw).map(|entry| (entry.id, Some(entry))),
+                .map(|raw| match raw {
+                    // `[id, nil]`: deleted from the stream while pending.
+                    Value::Array(mut parts) if matches!(parts.as_slice(), [_, Value::Nil]) => {
+                        parts.truncate(1);
+                        let id = parts.pop().unwrap_or(Value::Nil);
+                        Ok((entry_id(id)?, None))
                     }
+                    raw => entry(raw).map(|entry| (entry.id, Some(entry))),
                 })
                 .collect::<Result<Vec<_>, _>>()?;
             Ok((StreamName::from_backend(text(name)?), entries))
