@@ -20,6 +20,7 @@ use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use smallvec::SmallVec;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
@@ -110,13 +111,17 @@ pub struct GroupStatus {
 
 type GroupKey = (StreamName, GroupName);
 
+/// A map by entry id: every delivered and every finished message goes through one or two of these,
+/// so with a fast (yet randomly seeded) hash rather than SipHash.
+type IdMap<V> = HashMap<EntryId, V, foldhash::fast::RandomState>;
+
 /// One connected consumer.
 struct LocalConsumer {
     name: ConsumerName,
     mode: Mode,
     limit: AtomicU32,
     /// Messages delivered and not yet finished (at-least-once only), with when they were sent.
-    in_flight: Mutex<HashMap<EntryId, Instant>>,
+    in_flight: Mutex<IdMap<Instant>>,
     delivered: AtomicU64,
     finished: AtomicU64,
     sender: mpsc::Sender<GroupMessage>,
@@ -243,7 +248,8 @@ struct Shared {
     dispatches: Mutex<HashMap<GroupKey, Arc<Dispatch>>>,
     /// Limits set through the limit route, for consumers that connect later.
     default_limits: Mutex<HashMap<GroupKey, u32>>,
-    delivered: Mutex<HashMap<EntryId, Vec<Delivered>>>,
+    /// Usually one record per id, kept inline.
+    delivered: Mutex<IdMap<SmallVec<[Delivered; 1]>>>,
 }
 
 /// Consumer groups on this instance. Cheap to clone.
@@ -307,7 +313,7 @@ impl Groups {
             shutdown: shutdown.clone(),
             dispatches: Mutex::new(HashMap::new()),
             default_limits: Mutex::new(HashMap::new()),
-            delivered: Mutex::new(HashMap::new()),
+            delivered: Mutex::new(IdMap::default()),
         });
         tokio::spawn(prune_delivered(Arc::downgrade(&shared), shutdown));
         Groups { shared }
@@ -337,7 +343,7 @@ impl Groups {
             name: name.clone(),
             mode: spec.mode,
             limit: AtomicU32::new(limit),
-            in_flight: Mutex::new(HashMap::new()),
+            in_flight: Mutex::new(IdMap::default()),
             delivered: AtomicU64::new(0),
             finished: AtomicU64::new(0),
             sender,
