@@ -85,21 +85,18 @@ async fn run(pool: Arc<Pool>, mut queue: mpsc::UnboundedReceiver<Job>) {
 
 /// Sends one batch and hands each reply to its caller.
 async fn send(pool: &Pool, batch: Vec<Job>) {
+    let (commands, replies): (Vec<Cmd>, Vec<_>) = batch
+        .into_iter()
+        .map(|Job { command, reply }| (command, reply))
+        .unzip();
     let mut lease = match pool.lease() {
         Ok(lease) => lease,
-        Err(error) => {
-            for job in batch {
-                let _ = job.reply.send(Err(error.clone()));
-            }
-            return;
-        }
+        Err(error) => return fail_all(replies, error),
     };
     let mut pipeline = redis::pipe();
     pipeline.ignore_errors();
-    let mut replies = Vec::with_capacity(batch.len());
-    for Job { command, reply } in batch {
+    for command in commands {
         pipeline.add_command(command);
-        replies.push(reply);
     }
     let outcome: RedisResult<Vec<RedisResult<Value>>> =
         pipeline.query_async(&mut lease.connection).await;
@@ -115,15 +112,15 @@ async fn send(pool: &Pool, batch: Vec<Job>) {
                 replies.len(),
                 results.len()
             ));
-            for reply in replies {
-                let _ = reply.send(Err(error.clone()));
-            }
+            fail_all(replies, error);
         }
-        Err(error) => {
-            let error = lease.fail(error);
-            for reply in replies {
-                let _ = reply.send(Err(error.clone()));
-            }
-        }
+        Err(error) => fail_all(replies, lease.fail(error)),
+    }
+}
+
+/// Answers every caller of a batch with the same error.
+fn fail_all(replies: Vec<oneshot::Sender<Result<Value, BackendError>>>, error: BackendError) {
+    for reply in replies {
+        let _ = reply.send(Err(error.clone()));
     }
 }
