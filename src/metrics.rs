@@ -211,31 +211,29 @@ impl Metrics {
 
     /// A message sent to a client; its latency is measured from the time in its id.
     pub fn delivered(&self, transport: &'static str, mode: &'static str, entry: &Entry) {
-        let age = now_ms().saturating_sub(entry.id.ms) as f64 / 1000.0;
-        let slot = TRANSPORTS
-            .iter()
-            .position(|known| *known == transport)
-            .zip(MODES.iter().position(|known| *known == mode))
-            .map(|(t, m)| t * MODES.len() + m);
-        let Some(slot) = slot else {
-            self.messages_delivered
-                .get_or_create(&DeliveredLabels { transport, mode })
-                .inc();
-            self.delivery_latency
-                .get_or_create(&TransportLabels { transport })
-                .observe(age);
-            return;
-        };
-        let (count, latency) = self.delivery_series[slot].get_or_init(|| {
+        let series = || {
             (
                 self.messages_delivered
                     .get_or_create_owned(&DeliveredLabels { transport, mode }),
                 self.delivery_latency
                     .get_or_create_owned(&TransportLabels { transport }),
             )
-        });
+        };
+        let slot = TRANSPORTS
+            .iter()
+            .position(|known| *known == transport)
+            .zip(MODES.iter().position(|known| *known == mode))
+            .map(|(t, m)| t * MODES.len() + m);
+        let looked_up;
+        let (count, latency) = match slot {
+            Some(slot) => self.delivery_series[slot].get_or_init(series),
+            None => {
+                looked_up = series();
+                &looked_up
+            }
+        };
         count.inc();
-        latency.observe(age);
+        latency.observe(now_ms().saturating_sub(entry.id.ms) as f64 / 1000.0);
     }
 
     /// One answered HTTP request.
