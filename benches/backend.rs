@@ -1,6 +1,7 @@
 //! Micro-benchmark of the storage layer (not a test): appends and group reads per second through
-//! the `Backend` trait, on the embedded engine and on a private `redis-server`, side by side in
-//! one run. Run with `cargo bench --bench backend`. Bounded: fixed operation counts.
+//! the `Backend` trait, on the embedded engine in memory and on disk (a temporary data directory,
+//! `storage.fsync = everysec`) and on a private `redis-server`, side by side in one run. Run with
+//! `cargo bench --bench backend`. Bounded: fixed operation counts.
 
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -8,7 +9,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio_util::sync::CancellationToken;
 
-use streamgate::backend::embedded::EmbeddedBackend;
+use streamgate::backend::embedded::{DiskOptions, EmbeddedBackend, FsyncPolicy};
 use streamgate::backend::redis::{RedisBackend, RedisOptions};
 use streamgate::backend::{
     AnyBackend, AppendRequest, Backend, GroupCursor, GroupRead, GroupStart, Retention,
@@ -133,7 +134,16 @@ impl Drop for RedisServer {
 fn main() {
     let runtime = tokio::runtime::Runtime::new().unwrap();
     runtime.block_on(async {
-        let embedded = AnyBackend::Embedded(EmbeddedBackend::start(CancellationToken::new()));
+        let memory = AnyBackend::Embedded(EmbeddedBackend::in_memory(CancellationToken::new()));
+        let data_dir = tempfile::tempdir().unwrap();
+        let options = DiskOptions {
+            path: data_dir.path().join("data"),
+            fsync: FsyncPolicy::EverySec,
+            cache_size: 64 << 20,
+        };
+        let disk = AnyBackend::Embedded(
+            EmbeddedBackend::open(&options, CancellationToken::new()).unwrap(),
+        );
         let server = RedisServer::start();
         let redis = match &server {
             Some(server) => {
@@ -158,8 +168,8 @@ fn main() {
         };
 
         println!(
-            "{:<46} {:>14} {:>14} {:>8}",
-            "operation", "embedded /s", "redis /s", "ratio"
+            "{:<46} {:>12} {:>12} {:>12} {:>11}",
+            "operation", "memory /s", "disk /s", "redis /s", "disk/redis"
         );
         let scenarios: [(&str, usize); 5] = [
             ("append, 1 task, one entry per call", 20_000),
@@ -170,7 +180,7 @@ fn main() {
         ];
         for (index, (name, count)) in scenarios.iter().enumerate() {
             let mut figures = Vec::new();
-            for backend in std::iter::once(&embedded).chain(redis.as_ref()) {
+            for backend in [&memory, &disk].into_iter().chain(redis.as_ref()) {
                 let stream = format!("bench-{index}");
                 let figure = match index {
                     0 => appends(backend, &stream, *count, 1).await,
@@ -185,13 +195,14 @@ fn main() {
                 };
                 figures.push(figure);
             }
-            let redis_figure = figures.get(1).copied();
+            let redis_figure = figures.get(2).copied();
             println!(
-                "{:<46} {:>14.0} {:>14} {:>8}",
+                "{:<46} {:>12.0} {:>12.0} {:>12} {:>11}",
                 name,
                 figures[0],
+                figures[1],
                 redis_figure.map_or("-".into(), |figure| format!("{figure:.0}")),
-                redis_figure.map_or("-".into(), |figure| format!("{:.1}x", figures[0] / figure)),
+                redis_figure.map_or("-".into(), |figure| format!("{:.2}x", figures[1] / figure)),
             );
         }
     });

@@ -37,15 +37,19 @@ struct Row {
     ratio: String,
 }
 
-/// A streamgate (release build) on a free loopback port.
+/// A streamgate (release build) on a free loopback port, in a temporary working directory of its
+/// own (where the embedded engine keeps its data unless told otherwise).
 struct Server {
     child: Child,
     pub address: String,
+    _cwd: tempfile::TempDir,
 }
 
 impl Server {
     fn start(extra: &[&str]) -> Server {
+        let cwd = tempfile::tempdir().expect("tempdir");
         let mut child = Command::new(env!("CARGO_BIN_EXE_streamgate"))
+            .current_dir(cwd.path())
             .args([
                 "--bearer-token",
                 TOKEN,
@@ -68,7 +72,11 @@ impl Server {
             .expect("streamgate did not start");
         // Keep reading the rest of the banner so that it never meets a closed pipe.
         std::thread::spawn(move || lines.for_each(drop));
-        Server { child, address }
+        Server {
+            child,
+            address,
+            _cwd: cwd,
+        }
     }
 
     /// Resident memory in bytes.

@@ -111,7 +111,17 @@ async fn connect_backend(
         (BackendKind::Redis, None) => {
             anyhow::bail!("the Redis backend is selected but not configured")
         }
-        (BackendKind::Embedded, _) => Ok(AnyBackend::Embedded(EmbeddedBackend::start(shutdown))),
+        (BackendKind::Embedded, _) => {
+            let Some(options) = config.storage.disk() else {
+                return Ok(AnyBackend::Embedded(EmbeddedBackend::in_memory(shutdown)));
+            };
+            // Recovery reads the whole directory's records: away from the runtime's threads.
+            let backend =
+                tokio::task::spawn_blocking(move || EmbeddedBackend::open(&options, shutdown))
+                    .await
+                    .context("opening the data directory")??;
+            Ok(AnyBackend::Embedded(backend))
+        }
     }
 }
 
@@ -126,9 +136,14 @@ fn print_banner(config: &Config, backend: &AnyBackend, address: SocketAddr) {
     let url = format!("{scheme}://{address}");
     let backend_line = match backend {
         AnyBackend::Redis(_) => format!("backend: redis at {}", backend.address()),
-        AnyBackend::Embedded(_) => {
-            "backend: embedded (in memory: data is lost when streamgate stops; use --redis-url to keep it)".to_owned()
-        }
+        AnyBackend::Embedded(embedded) => match embedded.storage() {
+            Some((path, fsync)) => format!(
+                "backend: embedded, data in {} (fsync {})",
+                path.display(),
+                fsync.as_str()
+            ),
+            None => "backend: embedded, in memory (data is lost when streamgate stops; --data-dir keeps it)".to_owned(),
+        },
     };
     let mut banner = format!(
         "streamgate {}\n{backend_line}\nlistening on {url}\ndocs: {url}/api-docs\n",

@@ -268,6 +268,8 @@ pub struct StreamInfo {
     pub last_generated_id: EntryId,
     /// Entries ever added to the stream (including deleted or trimmed ones).
     pub entries_added: u64,
+    /// The largest id ever deleted by id (`XDEL`; trimming does not count), or `0-0`.
+    pub max_deleted_id: EntryId,
     pub groups: Vec<GroupInfo>,
 }
 
@@ -463,6 +465,36 @@ pub trait Backend: Clone + Send + Sync + 'static {
         dead_letter: &StreamName,
         fields: Vec<(bytes::Bytes, bytes::Bytes)>,
     ) -> impl Future<Output = Result<EntryId, BackendError>> + Send;
+
+    /// Appends entries exactly as given, ids and fields (a copy from another store): the ids
+    /// must be increasing and follow the stream's last id ([`BackendError::InvalidId`]
+    /// otherwise). Readers see all of them or none, unless an id is refused (Redis then keeps
+    /// those before it).
+    fn import(
+        &self,
+        stream: &StreamName,
+        entries: Vec<Entry>,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    /// Sets the stream's id generator and counters (`XSETID`), creating an empty stream if
+    /// needed: later appends get ids after `last_id`, which may not be below the newest entry.
+    fn set_last_id(
+        &self,
+        stream: &StreamName,
+        last_id: EntryId,
+        entries_added: u64,
+        max_deleted_id: EntryId,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    /// Puts entries in a group's pending list with the given owner, delivery count and idle time
+    /// (`XCLAIM … FORCE`), replacing what was there; entries missing from the stream are left
+    /// out. Returns how many were restored.
+    fn restore_pending(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+        pending: &[PendingEntry],
+    ) -> impl Future<Output = Result<u64, BackendError>> + Send;
 }
 
 /// The configured backend.
@@ -495,7 +527,10 @@ impl AnyBackend {
     pub fn address(&self) -> String {
         match self {
             AnyBackend::Redis(backend) => backend.address().to_owned(),
-            AnyBackend::Embedded(_) => "in memory".to_owned(),
+            AnyBackend::Embedded(backend) => match backend.storage() {
+                Some((path, _)) => path.display().to_string(),
+                None => "in memory".to_owned(),
+            },
         }
     }
 }
@@ -671,6 +706,29 @@ impl Backend for AnyBackend {
         fields: Vec<(bytes::Bytes, bytes::Bytes)>,
     ) -> Result<EntryId, BackendError> {
         dispatch!(self, backend => backend.dead_letter(stream, group, id, dead_letter, fields).await)
+    }
+
+    async fn import(&self, stream: &StreamName, entries: Vec<Entry>) -> Result<(), BackendError> {
+        dispatch!(self, backend => backend.import(stream, entries).await)
+    }
+
+    async fn set_last_id(
+        &self,
+        stream: &StreamName,
+        last_id: EntryId,
+        entries_added: u64,
+        max_deleted_id: EntryId,
+    ) -> Result<(), BackendError> {
+        dispatch!(self, backend => backend.set_last_id(stream, last_id, entries_added, max_deleted_id).await)
+    }
+
+    async fn restore_pending(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+        pending: &[PendingEntry],
+    ) -> Result<u64, BackendError> {
+        dispatch!(self, backend => backend.restore_pending(stream, group, pending).await)
     }
 }
 

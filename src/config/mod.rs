@@ -18,6 +18,7 @@ use self::reader::Reader;
 pub use self::sources::{Cli, Command, ConfigCommand, Flags, Sources, normalize_go_style_flags};
 use crate::auth::{JwtVerifier, Scope, StaticToken, StreamPattern, token_digest};
 use crate::backend::Retention;
+use crate::backend::embedded::{DiskOptions, FsyncPolicy};
 use crate::backend::redis::RedisOptions;
 
 /// Sections of the file (tables whose keys merge one by one).
@@ -31,6 +32,7 @@ const SECTIONS: &[&str] = &[
     "cors",
     "tls",
     "probe",
+    "storage",
 ];
 
 /// Every configuration key, as a dotted path.
@@ -74,6 +76,9 @@ const KEYS: &[&str] = &[
     "tls.key",
     "probe.interval",
     "probe.timeout",
+    "storage.path",
+    "storage.fsync",
+    "storage.cache_size",
     "shutdown_timeout",
     "worker_threads",
     "log_format",
@@ -171,6 +176,8 @@ pub struct Config {
     pub log_level: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub redis: Option<RedisSettings>,
+    /// The embedded engine's storage (unused on Redis).
+    pub storage: StorageConfig,
     pub consumer: ConsumerConfig,
     pub limits: Limits,
     pub broadcast: BroadcastConfig,
@@ -227,6 +234,40 @@ pub struct RedisSettings {
     pub tls_ca: Option<PathBuf>,
     #[serde(skip)]
     pub options: RedisOptions,
+}
+
+/// `storage.path` that keeps nothing (`--in-memory`).
+pub const IN_MEMORY: &str = ":memory:";
+
+/// Where and how the embedded engine keeps its data.
+#[derive(Debug, Clone, Serialize)]
+pub struct StorageConfig {
+    /// The data directory; `None` keeps everything in memory (`":memory:"`).
+    #[serde(serialize_with = "serialize_storage_path")]
+    pub path: Option<PathBuf>,
+    pub fsync: FsyncPolicy,
+    pub cache_size: u64,
+}
+
+impl StorageConfig {
+    /// How to open the data directory, or `None` in memory.
+    pub fn disk(&self) -> Option<DiskOptions> {
+        Some(DiskOptions {
+            path: self.path.clone()?,
+            fsync: self.fsync,
+            cache_size: self.cache_size,
+        })
+    }
+}
+
+fn serialize_storage_path<S: Serializer>(
+    path: &Option<PathBuf>,
+    serializer: S,
+) -> Result<S::Ok, S::Error> {
+    match path {
+        Some(path) => serializer.collect_str(&path.display()),
+        None => serializer.serialize_str(IN_MEMORY),
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -335,6 +376,7 @@ impl Config {
             return Err(ConfigError(reader.errors));
         }
         let mut config = config.ok_or_else(|| ConfigError(vec!["invalid configuration".into()]))?;
+        config.warnings.append(&mut reader.warnings);
         config
             .warnings
             .extend(layered.unknown_env.iter().map(|name| {
@@ -398,6 +440,7 @@ fn read(r: &mut Reader) -> Option<Config> {
     let tokens = read_tokens(r);
     let jwt = read_jwt(r);
     let (backend, redis) = read_backend(r);
+    let storage = read_storage(r, backend);
     let sse_keepalive_interval_sec = r
         .integer("sse_keepalive_interval_sec", i64::MIN..=i64::MAX)
         .unwrap_or(15);
@@ -538,6 +581,7 @@ fn read(r: &mut Reader) -> Option<Config> {
         log_format,
         log_level,
         redis,
+        storage,
         consumer,
         limits,
         broadcast,
@@ -825,6 +869,52 @@ fn read_retention(r: &mut Reader) -> Vec<RetentionRule> {
         }
     }
     rules
+}
+
+/// The embedded engine's storage: a data directory (default `streamgate-data`, relative to the
+/// working directory) or memory, the fsync policy and the cache size.
+fn read_storage(r: &mut Reader, backend: BackendKind) -> StorageConfig {
+    let explicit: Vec<&str> = ["storage.path", "storage.fsync", "storage.cache_size"]
+        .into_iter()
+        .filter(|path| r.is_set(path))
+        .collect();
+    if backend == BackendKind::Redis && !explicit.is_empty() {
+        r.warning(format!(
+            "{} only apply to the embedded backend; the Redis backend ignores them",
+            explicit.join(", ")
+        ));
+    }
+    let path = match r.string("storage.path") {
+        Some(path) if path == IN_MEMORY => None,
+        Some(path) if path.trim().is_empty() => {
+            r.error(
+                "storage.path",
+                format!("expected a directory or \"{IN_MEMORY}\", got an empty string"),
+            );
+            None
+        }
+        Some(path) => Some(PathBuf::from(path)),
+        None => Some(PathBuf::from("streamgate-data")),
+    };
+    let fsync = match r.string("storage.fsync") {
+        None => FsyncPolicy::EverySec,
+        Some(text) => FsyncPolicy::parse(&text).unwrap_or_else(|| {
+            r.error(
+                "storage.fsync",
+                format!("expected \"always\", \"everysec\" or \"never\", got {text:?}"),
+            );
+            FsyncPolicy::EverySec
+        }),
+    };
+    let cache_size = r.byte_size("storage.cache_size").unwrap_or(64 << 20);
+    if cache_size < 1 << 20 {
+        r.error("storage.cache_size", "must be at least 1MiB");
+    }
+    StorageConfig {
+        path,
+        fsync,
+        cache_size,
+    }
 }
 
 /// The backend to use and, for Redis, how to reach it.

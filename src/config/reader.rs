@@ -13,6 +13,8 @@ use super::sources::Layered;
 pub struct Reader<'a> {
     layered: &'a Layered,
     pub errors: Vec<String>,
+    /// What is worth telling the operator but does not stop start-up.
+    pub warnings: Vec<String>,
     read: HashSet<String>,
 }
 
@@ -21,6 +23,7 @@ impl<'a> Reader<'a> {
         Reader {
             layered,
             errors: Vec::new(),
+            warnings: Vec::new(),
             read: HashSet::new(),
         }
     }
@@ -58,6 +61,10 @@ impl<'a> Reader<'a> {
     /// Records a problem not tied to one key.
     pub fn problem(&mut self, message: impl Into<String>) {
         self.errors.push(message.into());
+    }
+
+    pub fn warning(&mut self, message: impl Into<String>) {
+        self.warnings.push(message.into());
     }
 
     pub fn string(&mut self, path: &str) -> Option<String> {

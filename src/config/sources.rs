@@ -71,6 +71,12 @@ pub struct Flags {
     /// `error`, `warn`, `info`, `debug`, `trace`, or a tracing filter directive [default: info].
     #[arg(long, global = true, value_name = "LEVEL")]
     pub log_level: Option<String>,
+    /// The embedded engine's data directory (storage.path) [default: streamgate-data].
+    #[arg(long, global = true, value_name = "PATH", conflicts_with = "in_memory")]
+    pub data_dir: Option<String>,
+    /// Keep the embedded engine's data in memory only: it is lost when streamgate stops.
+    #[arg(long, global = true)]
+    pub in_memory: bool,
 }
 
 /// Long flag names that may also be written Go-style with one dash.
@@ -86,6 +92,8 @@ const LONG_FLAGS: &[&str] = &[
     "sse-keepalive-interval-sec",
     "log-format",
     "log-level",
+    "data-dir",
+    "in-memory",
 ];
 
 /// Rewrites `-http-address=…` / `-http-address …` (Go's flag syntax, used by rs-http-facade's
@@ -244,6 +252,20 @@ impl Sources {
             if let Some(value) = value {
                 layered.set(path, Value::String(value.clone()), Origin::Flag(flag));
             }
+        }
+        if let Some(path) = &flags.data_dir {
+            layered.set(
+                "storage.path",
+                Value::String(path.clone()),
+                Origin::Flag("data-dir"),
+            );
+        }
+        if flags.in_memory {
+            layered.set(
+                "storage.path",
+                Value::String(super::IN_MEMORY.to_owned()),
+                Origin::Flag("in-memory"),
+            );
         }
     }
 }

@@ -244,6 +244,8 @@ struct StreamInfoView {
     last_entry: Option<MessageView>,
     last_generated_id: EntryId,
     entries_added: u64,
+    /// The largest id ever deleted by id (trimming does not count), `0-0` when none was.
+    max_deleted_id: EntryId,
     groups: Vec<GroupInfo>,
 }
 
@@ -267,6 +269,7 @@ async fn stream_info(
         last_entry,
         last_generated_id,
         entries_added,
+        max_deleted_id,
         groups,
     } = state.backend.stream_info(&stream).await?;
     Ok(Json(StreamInfoView {
@@ -276,6 +279,7 @@ async fn stream_info(
         last_entry: last_entry.as_ref().map(MessageView::new).transpose()?,
         last_generated_id,
         entries_added,
+        max_deleted_id,
         groups,
     }))
 }

@@ -275,12 +275,17 @@ async fn keeps_serving_when_its_stdout_is_closed() {
     // A supervisor that stops reading (or `streamgate | head -1`) must not bring the gateway down.
     let port = free_port();
     let address = format!("127.0.0.1:{port}");
-    let mut child = command(&["--http-address", &address, "--bearer-token", "t"], &[])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn streamgate");
+    let cwd = tempfile::tempdir().expect("tempdir");
+    let mut child = command(
+        &["--http-address", &address, "--bearer-token", "t"],
+        &[],
+        cwd.path(),
+    )
+    .stdin(Stdio::null())
+    .stdout(Stdio::piped())
+    .stderr(Stdio::null())
+    .spawn()
+    .expect("spawn streamgate");
     drop(child.stdout.take());
     let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(20);

@@ -18,14 +18,22 @@ use streamgate::model::{ConsumerName, EntryId, GroupName, NewEntry, StreamName, 
 
 use crate::helpers::RedisServer;
 
-/// Runs each listed `async fn<B: Backend>(B)` as `<name>::embedded` and `<name>::redis`.
+/// Runs each listed `async fn<B: Backend>(B)` as `<name>::in_memory`, `<name>::on_disk` (the
+/// embedded engine in a temporary data directory) and `<name>::redis`.
 macro_rules! conformance {
     ($($test:ident),* $(,)?) => {
         $(
             mod $test {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-                async fn embedded() {
-                    let backend = streamgate::backend::embedded::EmbeddedBackend::start(Default::default());
+                async fn in_memory() {
+                    let backend = streamgate::backend::embedded::EmbeddedBackend::in_memory(Default::default());
+                    super::$test(backend).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn on_disk() {
+                    let dir = tempfile::tempdir().expect("tempdir");
+                    let backend = crate::helpers::embedded_on_disk(dir.path());
                     super::$test(backend).await;
                 }
 

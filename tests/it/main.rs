@@ -45,3 +45,4 @@ mod openapi;
 mod ops;
 mod produce;
 mod seed004;
+mod storage;

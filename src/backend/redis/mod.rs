@@ -178,6 +178,17 @@ if redis.call('TYPE', KEYS[1]).ok == 'stream' then return redis.call('DEL', KEYS
 return 0
 "#;
 
+/// Sets a stream's id generator and counters, creating the stream (empty) when it is missing:
+/// `XSETID` needs the key, and an entry added and trimmed at once leaves an empty stream.
+///
+/// KEYS: stream. ARGV: last id, entries added, max deleted id.
+const SET_LAST_ID: &str = r#"
+if redis.call('EXISTS', KEYS[1]) == 0 then
+  redis.call('XADD', KEYS[1], 'MAXLEN', '0', '0-1', 'streamgate', 'created')
+end
+return redis.call('XSETID', KEYS[1], ARGV[1], 'ENTRIESADDED', ARGV[2], 'MAXDELETEDID', ARGV[3])
+"#;
+
 /// The Redis backend. Cheap to clone.
 #[derive(Clone)]
 pub struct RedisBackend {
@@ -196,6 +207,7 @@ struct Inner {
     position_group: redis::Script,
     remove_idle_consumer: redis::Script,
     ack_and_delete: redis::Script,
+    set_last_id: redis::Script,
 }
 
 impl RedisBackend {
@@ -234,6 +246,7 @@ impl RedisBackend {
                 position_group: redis::Script::new(POSITION_GROUP),
                 remove_idle_consumer: redis::Script::new(REMOVE_IDLE_CONSUMER),
                 ack_and_delete: redis::Script::new(ACK_AND_DELETE),
+                set_last_id: redis::Script::new(SET_LAST_ID),
             }),
         })
     }
@@ -938,5 +951,89 @@ impl Backend for RedisBackend {
             .ignore();
         let replies = self.query_pipeline(&pipeline).await?;
         parse::entry_id(replies.into_iter().next().unwrap_or(Value::Nil))
+    }
+
+    async fn import(&self, stream: &StreamName, entries: Vec<Entry>) -> Result<(), BackendError> {
+        if entries.windows(2).any(|pair| pair[0].id >= pair[1].id) {
+            return Err(BackendError::InvalidId(
+                "imported entries must have increasing ids".into(),
+            ));
+        }
+        if entries.is_empty() {
+            return Ok(());
+        }
+        let mut pipeline = redis::pipe();
+        pipeline.atomic();
+        for entry in &entries {
+            let command = pipeline
+                .cmd("XADD")
+                .arg(stream.as_str())
+                .arg(entry.id.to_string());
+            for (field, value) in &entry.fields {
+                command.arg(field.as_ref()).arg(value.as_ref());
+            }
+            command.ignore();
+        }
+        self.query_pipeline(&pipeline).await?;
+        Ok(())
+    }
+
+    async fn set_last_id(
+        &self,
+        stream: &StreamName,
+        last_id: EntryId,
+        entries_added: u64,
+        max_deleted_id: EntryId,
+    ) -> Result<(), BackendError> {
+        let mut invocation = self.inner.set_last_id.key(stream.as_str());
+        invocation
+            .arg(last_id.to_string())
+            .arg(entries_added)
+            .arg(max_deleted_id.to_string());
+        let _: Value = self
+            .script(&invocation)
+            .await
+            .map_err(|error| match error {
+                BackendError::Internal(message) if message.contains("XSETID") => {
+                    BackendError::InvalidId(message)
+                }
+                other => other,
+            })?;
+        Ok(())
+    }
+
+    async fn restore_pending(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+        pending: &[PendingEntry],
+    ) -> Result<u64, BackendError> {
+        if pending.is_empty() {
+            return Ok(0);
+        }
+        let mut pipeline = redis::pipe();
+        for entry in pending {
+            pipeline
+                .cmd("XCLAIM")
+                .arg(stream.as_str())
+                .arg(group.as_str())
+                .arg(entry.consumer.as_str())
+                .arg(0)
+                .arg(entry.id.to_string())
+                .arg("IDLE")
+                .arg(entry.idle.as_millis() as u64)
+                .arg("RETRYCOUNT")
+                .arg(entry.deliveries)
+                .arg("FORCE")
+                .arg("JUSTID");
+        }
+        let replies = self.query_pipeline(&pipeline).await.map_err(group_error)?;
+        let mut restored = 0;
+        for reply in replies {
+            if let Value::Array(ids) = reply {
+                restored += ids.len() as u64;
+            }
+        }
+        Ok(restored)
     }
 }

@@ -143,6 +143,7 @@ pub fn stream_info(value: Value, groups: Vec<GroupInfo>) -> Result<StreamInfo, B
         last_entry: None,
         last_generated_id: EntryId::MIN,
         entries_added: 0,
+        max_deleted_id: EntryId::MIN,
         groups,
     };
     for (key, value) in flat_map(value)? {
@@ -150,6 +151,7 @@ pub fn stream_info(value: Value, groups: Vec<GroupInfo>) -> Result<StreamInfo, B
             "length" => info.length = integer(value)?,
             "last-generated-id" => info.last_generated_id = entry_id(value)?,
             "entries-added" => info.entries_added = integer(value)?,
+            "max-deleted-entry-id" => info.max_deleted_id = entry_id(value)?,
             "first-entry" if value != Value::Nil => info.first_entry = Some(entry(value)?),
             "last-entry" if value != Value::Nil => info.last_entry = Some(entry(value)?),
             _ => {}

@@ -12,6 +12,7 @@ use reqwest::{Client, Method, RequestBuilder, Response};
 use serde_json::Value;
 use tokio_util::sync::CancellationToken;
 
+use streamgate::backend::embedded::{DiskOptions, EmbeddedBackend, FsyncPolicy};
 use streamgate::config::{Config, Flags, Sources};
 
 pub use self::redis_server::RedisServer;
@@ -41,10 +42,19 @@ pub struct TestApp {
     _config_dir: tempfile::TempDir,
 }
 
-/// Builds a configuration from TOML text, as a user's file would be read.
-pub fn config_from_toml(text: &str) -> (Config, tempfile::TempDir) {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let path = dir.path().join("streamgate.toml");
+/// The embedded engine on disk in `dir` (which the caller keeps alive), for trait-level tests.
+pub fn embedded_on_disk(dir: &std::path::Path) -> EmbeddedBackend {
+    let options = DiskOptions {
+        path: dir.join("data"),
+        fsync: FsyncPolicy::EverySec,
+        cache_size: 8 << 20,
+    };
+    EmbeddedBackend::open(&options, CancellationToken::new()).expect("open the data directory")
+}
+
+/// Builds a configuration from TOML text written to a file in `dir`.
+pub fn config_in(dir: &std::path::Path, text: &str) -> Config {
+    let path = dir.join("streamgate.toml");
     std::fs::write(&path, text).expect("write config");
     let sources = Sources {
         env: Vec::new(),
@@ -53,8 +63,7 @@ pub fn config_from_toml(text: &str) -> (Config, tempfile::TempDir) {
             ..Flags::default()
         },
     };
-    let config = Config::load(&sources).unwrap_or_else(|error| panic!("test config: {error}"));
-    (config, dir)
+    Config::load(&sources).unwrap_or_else(|error| panic!("test config: {error}"))
 }
 
 impl TestApp {
@@ -69,10 +78,18 @@ impl TestApp {
         TestApp::spawn(Backend::Embedded, extra_toml).await
     }
 
-    /// Starts streamgate on port 0 with `extra_toml` appended to the base configuration.
+    /// Starts streamgate on port 0 with `extra_toml` appended to the base configuration. The
+    /// embedded engine keeps its data in the app's temporary directory.
     pub async fn spawn(backend: Backend, extra_toml: &str) -> TestApp {
+        let config_dir = tempfile::tempdir().expect("tempdir");
         let (backend_toml, redis) = match backend {
-            Backend::Embedded => ("backend = \"embedded\"\n".to_owned(), None),
+            Backend::Embedded => (
+                format!(
+                    "backend = \"embedded\"\nstorage.path = {:?}\n",
+                    config_dir.path().join("data")
+                ),
+                None,
+            ),
             Backend::RedisAt(url) => (format!("redis.url = \"{url}\"\n"), None),
 
             Backend::Redis(redis) => (
@@ -83,7 +100,7 @@ impl TestApp {
         let text = format!(
             "bearer_token = \"{TOKEN}\"\nshutdown_timeout = \"5s\"\n{backend_toml}{extra_toml}\n"
         );
-        let (config, config_dir) = config_from_toml(&text);
+        let config = config_in(config_dir.path(), &text);
         let mut client = Client::builder().no_proxy();
         if let Some(tls) = &config.tls {
             // The test certificate is self-signed: trust exactly it.

@@ -11,10 +11,12 @@ pub fn binary() -> &'static str {
     env!("CARGO_BIN_EXE_streamgate")
 }
 
-/// A command for the binary with an environment free of the developer's streamgate settings.
-pub fn command(args: &[&str], env: &[(&str, &str)]) -> Command {
+/// A command for the binary with an environment free of the developer's streamgate settings,
+/// run in `cwd` (a temporary directory: the embedded engine's default data directory is relative
+/// to it, and the suite never writes into the checkout).
+pub fn command(args: &[&str], env: &[(&str, &str)], cwd: &std::path::Path) -> Command {
     let mut command = Command::new(binary());
-    command.args(args);
+    command.args(args).current_dir(cwd);
     for (name, _) in std::env::vars() {
         if name.starts_with("STREAMGATE_") || name.starts_with("RS_HTTP_FACADE_") {
             command.env_remove(name);
@@ -26,7 +28,13 @@ pub fn command(args: &[&str], env: &[(&str, &str)]) -> Command {
 
 /// Runs the binary to completion (for `config check` and start-up failures).
 pub fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut child = command(args, env)
+    let cwd = tempfile::tempdir().expect("tempdir");
+    run_in(cwd.path(), args, env)
+}
+
+/// Runs the binary to completion in `cwd`.
+pub fn run_in(cwd: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut child = command(args, env, cwd)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -48,6 +56,8 @@ pub fn run(args: &[&str], env: &[(&str, &str)]) -> Output {
 /// A running streamgate process whose output is collected line by line.
 pub struct Process {
     child: Child,
+    /// Its working directory, when the process owns it.
+    _cwd: Option<tempfile::TempDir>,
     stdout: Arc<Mutex<Vec<String>>>,
     stderr: Arc<Mutex<Vec<String>>>,
     readers: Vec<std::thread::JoinHandle<()>>,
@@ -68,8 +78,17 @@ fn collect(
 }
 
 impl Process {
+    /// Starts the binary in a temporary working directory of its own.
     pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Process {
-        let mut child = command(args, env)
+        let cwd = tempfile::tempdir().expect("tempdir");
+        let mut process = Process::spawn_in(cwd.path(), args, env);
+        process._cwd = Some(cwd);
+        process
+    }
+
+    /// Starts the binary in `cwd` (for restarts on the same data directory).
+    pub fn spawn_in(cwd: &std::path::Path, args: &[&str], env: &[(&str, &str)]) -> Process {
+        let mut child = command(args, env, cwd)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -79,6 +98,7 @@ impl Process {
         let (stderr, stderr_reader) = collect(child.stderr.take().expect("stderr"));
         Process {
             child,
+            _cwd: None,
             stdout,
             stderr,
             readers: vec![stdout_reader, stderr_reader],
