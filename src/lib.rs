@@ -12,12 +12,14 @@
 //! - [`metrics`]: the Prometheus series.
 //! - [`http`]: routes, extraction, errors as problem+json; the only layer that knows HTTP.
 //! - [`app`]: wires it together and runs the server until shutdown.
+//! - [`copy`]: `streamgate copy`, moving data between a data directory and Redis.
 
 pub mod app;
 pub mod auth;
 pub mod backend;
 pub mod bridge;
 pub mod config;
+pub mod copy;
 pub mod delivery;
 pub mod http;
 pub mod metrics;

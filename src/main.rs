@@ -7,8 +7,11 @@ use clap::Parser;
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
-use streamgate::config::{Cli, Command, Config, ConfigCommand, Sources, normalize_go_style_flags};
-use streamgate::{app, telemetry};
+use streamgate::config::{
+    Cli, Command, Config, ConfigCommand, CopyArgs, CopyPlan, LogFormat, Sources,
+    normalize_go_style_flags,
+};
+use streamgate::{app, copy, telemetry};
 
 /// mimalloc rather than the system allocator: every request allocates and frees a few dozen small
 /// objects across two threads, and glibc's malloc was an eighth of the publish path's CPU (perf).
@@ -17,6 +20,9 @@ static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 fn main() -> ExitCode {
     let cli = Cli::parse_from(normalize_go_style_flags(std::env::args()));
+    if let Some(Command::Copy(args)) = &cli.command {
+        return copy_between(args);
+    }
     let config = match Config::load(&Sources::from_process(cli.flags)) {
         Ok(config) => config,
         Err(error) => {
@@ -38,6 +44,45 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         None | Some(Command::Serve) => serve(config),
+        Some(Command::Copy(_)) => unreachable!("handled before the configuration is read"),
+    }
+}
+
+/// `streamgate copy`: needs no server configuration, only its own arguments.
+fn copy_between(args: &CopyArgs) -> ExitCode {
+    let plan = match CopyPlan::from_args(args) {
+        Ok(plan) => plan,
+        Err(error) => {
+            eprintln!("streamgate copy: {error}");
+            return ExitCode::from(2);
+        }
+    };
+    telemetry::init(LogFormat::Text, "warn");
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(error) => {
+            eprintln!("streamgate copy: cannot start the async runtime: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(copy::run(&plan)) {
+        Ok(report) => {
+            print!("{}", report.render());
+            if report.complete() {
+                ExitCode::SUCCESS
+            } else {
+                eprintln!("streamgate copy: some streams were not copied (see the table)");
+                ExitCode::FAILURE
+            }
+        }
+        Err(error) => {
+            eprintln!("streamgate copy: {error:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

@@ -8,9 +8,21 @@ use tracing_subscriber::EnvFilter;
 
 use crate::config::LogFormat;
 
+/// The storage engine's own log (through the `log` crate) reports routine work at `info`; only
+/// its warnings and errors are the operator's business, unless a filter names it.
+const STORAGE_ENGINE: [&str; 2] = ["fjall", "lsm_tree"];
+
 /// Installs the global subscriber. Call once, before anything logs.
 pub fn init(format: LogFormat, level: &str) {
-    let filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    let mut filter = EnvFilter::try_new(level).unwrap_or_else(|_| EnvFilter::new("info"));
+    for target in STORAGE_ENGINE
+        .into_iter()
+        .filter(|target| !level.contains(target))
+    {
+        if let Ok(directive) = format!("{target}=warn").parse() {
+            filter = filter.add_directive(directive);
+        }
+    }
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_target(false)

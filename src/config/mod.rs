@@ -15,7 +15,9 @@ use std::time::Duration;
 use serde::{Serialize, Serializer};
 
 use self::reader::Reader;
-pub use self::sources::{Cli, Command, ConfigCommand, Flags, Sources, normalize_go_style_flags};
+pub use self::sources::{
+    Cli, Command, ConfigCommand, CopyArgs, Flags, Sources, normalize_go_style_flags,
+};
 use crate::auth::{JwtVerifier, Scope, StaticToken, StreamPattern, token_digest};
 use crate::backend::Retention;
 use crate::backend::embedded::{DiskOptions, FsyncPolicy};
@@ -1002,27 +1004,16 @@ fn read_backend(r: &mut Reader) -> (BackendKind, Option<RedisSettings>) {
     if tls_ca.is_some() && parsed.scheme() != "rediss" {
         r.error("redis.tls_ca", "is set but the Redis URL is not rediss://");
     }
-    let port = parsed.port().unwrap_or(6379);
-    let host = parsed.host_str().unwrap_or_default().to_owned();
-    let db_suffix = match parsed.path().trim_start_matches('/') {
-        "" | "0" => String::new(),
-        db => format!("/{db}"),
-    };
-    let display_address = format!("{host}:{port}{db_suffix}");
+    let mut options = redis_options(&parsed);
+    options.pool_size = pool_size;
+    options.connect_retries = connect_retries;
+    options.response_timeout = response_timeout;
+    options.tls_ca = tls_ca.clone();
     let mut shown = parsed.clone();
     if shown.password().is_some() {
         // The URL always parses back, so setting a password cannot fail here.
         let _ = shown.set_password(Some("redacted"));
     }
-    let options = RedisOptions {
-        url: parsed.to_string(),
-        display_address,
-        pool_size,
-        connect_retries,
-        response_timeout,
-        connect_timeout: Duration::from_secs(2),
-        tls_ca: tls_ca.clone(),
-    };
     (
         kind,
         Some(RedisSettings {
@@ -1034,6 +1025,111 @@ fn read_backend(r: &mut Reader) -> (BackendKind, Option<RedisSettings>) {
             options,
         }),
     )
+}
+
+/// Options for a Redis at `parsed` (a `redis://` or `rediss://` URL), with default pool and
+/// timeouts.
+fn redis_options(parsed: &url::Url) -> RedisOptions {
+    let port = parsed.port().unwrap_or(6379);
+    let host = parsed.host_str().unwrap_or_default().to_owned();
+    let db_suffix = match parsed.path().trim_start_matches('/') {
+        "" | "0" => String::new(),
+        db => format!("/{db}"),
+    };
+    RedisOptions {
+        url: parsed.to_string(),
+        display_address: format!("{host}:{port}{db_suffix}"),
+        pool_size: 4,
+        connect_retries: 3,
+        response_timeout: Duration::from_secs(10),
+        connect_timeout: Duration::from_secs(2),
+        tls_ca: None,
+    }
+}
+
+/// One end of `streamgate copy`.
+#[derive(Debug, Clone)]
+pub enum CopyEnd {
+    /// An embedded engine's data directory (created when it is the target and missing).
+    Directory(PathBuf),
+    Redis(RedisOptions),
+}
+
+impl CopyEnd {
+    /// A `redis://` / `rediss://` URL, or else a directory.
+    fn parse(text: &str) -> Result<CopyEnd, String> {
+        if text.starts_with("redis://") || text.starts_with("rediss://") {
+            return match url::Url::parse(text) {
+                Ok(parsed) if parsed.host_str().is_some() => {
+                    Ok(CopyEnd::Redis(redis_options(&parsed)))
+                }
+                _ => Err(format!(
+                    "{text:?} is not a Redis URL such as redis://[user:pass@]host:port/db"
+                )),
+            };
+        }
+        if text.is_empty() || text == IN_MEMORY {
+            return Err(format!("{text:?} is not a data directory or a Redis URL"));
+        }
+        Ok(CopyEnd::Directory(PathBuf::from(text)))
+    }
+
+    /// Where it is, without credentials.
+    pub fn describe(&self) -> String {
+        match self {
+            CopyEnd::Directory(path) => path.display().to_string(),
+            CopyEnd::Redis(options) => format!("redis at {}", options.display_address),
+        }
+    }
+}
+
+/// What `streamgate copy` is asked to do.
+#[derive(Debug, Clone)]
+pub struct CopyPlan {
+    pub from: CopyEnd,
+    pub to: CopyEnd,
+    /// Streams to copy; `None` copies every stream except streamgate's own.
+    pub streams: Option<StreamPattern>,
+    pub overwrite: bool,
+}
+
+impl CopyPlan {
+    /// Checks `streamgate copy`'s arguments.
+    pub fn from_args(args: &CopyArgs) -> Result<CopyPlan, ConfigError> {
+        let mut problems = Vec::new();
+        let mut end = |flag: &str, text: &str| {
+            CopyEnd::parse(text)
+                .map_err(|problem| problems.push(format!("--{flag}: {problem}")))
+                .ok()
+        };
+        let (from, to) = (end("from", &args.from), end("to", &args.to));
+        let streams = match args.streams.as_deref().map(StreamPattern::parse) {
+            None => None,
+            Some(Ok(pattern)) => Some(pattern),
+            Some(Err(error)) => {
+                problems.push(format!("--streams: not a glob ({error})"));
+                None
+            }
+        };
+        match (from, to) {
+            (Some(from), Some(to)) if problems.is_empty() => {
+                if let (CopyEnd::Directory(a), CopyEnd::Directory(b)) = (&from, &to)
+                    && a == b
+                {
+                    return Err(ConfigError(vec![
+                        "--from and --to name the same directory".into(),
+                    ]));
+                }
+                Ok(CopyPlan {
+                    from,
+                    to,
+                    streams,
+                    overwrite: args.overwrite,
+                })
+            }
+            _ => Err(ConfigError(problems)),
+        }
+    }
 }
 
 /// A random 256-bit token, hex-encoded.

@@ -25,6 +25,29 @@ pub enum Command {
     /// Work with the configuration.
     #[command(subcommand)]
     Config(ConfigCommand),
+    /// Copy streams, consumer groups and pending entries between a data directory and Redis
+    /// (either way): ids, fields, group positions, and pending entries with owner and delivery
+    /// count. Safe to re-run: what was copied is skipped.
+    Copy(CopyArgs),
+}
+
+/// `streamgate copy`'s arguments.
+#[derive(Debug, Clone, Args)]
+pub struct CopyArgs {
+    /// Where to copy from: a data directory (streamgate must not be running on it) or a Redis
+    /// URL (redis://…, rediss://…).
+    #[arg(long, value_name = "SOURCE")]
+    pub from: String,
+    /// Where to copy to: a data directory (created if missing) or a Redis URL.
+    #[arg(long, value_name = "TARGET")]
+    pub to: String,
+    /// Only the streams whose names match this glob, e.g. "orders.*" [default: every stream
+    /// except streamgate's own].
+    #[arg(long, value_name = "PATTERN")]
+    pub streams: Option<String>,
+    /// Replace target streams that already exist with other content (refused otherwise).
+    #[arg(long)]
+    pub overwrite: bool,
 }
 
 #[derive(Debug, Subcommand)]

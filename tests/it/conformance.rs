@@ -12,7 +12,7 @@ use streamgate::backend::redis::{RedisBackend, RedisOptions};
 
 use streamgate::backend::{
     AppendRequest, Backend, BackendError, Direction, GroupCursor, GroupRead, GroupStart,
-    IdempotencyKey, PendingQuery, RangeQuery, Retention, Trim,
+    IdempotencyKey, PendingEntry, PendingQuery, RangeQuery, Retention, Trim,
 };
 use streamgate::model::{ConsumerName, EntryId, GroupName, NewEntry, StreamName, now_ms};
 
@@ -67,6 +67,8 @@ conformance!(
     dead_lettering_moves_and_acknowledges,
     idempotent_appends_write_once,
     listing_statistics_deletion_and_flush,
+    imports_keep_ids_fields_and_counters,
+    restored_pending_entries_keep_owner_count_and_idle_time,
 );
 
 pub async fn connect(server: &RedisServer) -> RedisBackend {
@@ -1148,6 +1150,175 @@ async fn listing_statistics_deletion_and_flush<B: Backend>(backend: B) {
     assert!(!backend.server_info().await.unwrap().is_empty());
     backend.flush().await.unwrap();
     assert!(backend.list_streams().await.unwrap().is_empty());
+}
+
+fn imported(ms: u64, seq: u64, fields: &[(&str, &str)]) -> streamgate::model::Entry {
+    streamgate::model::Entry {
+        id: EntryId::new(ms, seq),
+        fields: fields
+            .iter()
+            .map(|(field, value)| {
+                (
+                    Bytes::copy_from_slice(field.as_bytes()),
+                    Bytes::copy_from_slice(value.as_bytes()),
+                )
+            })
+            .collect(),
+    }
+}
+
+async fn imports_keep_ids_fields_and_counters<B: Backend>(backend: B) {
+    let s = stream("imported");
+    let entries = vec![
+        imported(5, 0, &[("data", "1")]),
+        imported(5, 1, &[("a", "x"), ("b", "")]),
+        imported(9, 3, &[("data", "{\"k\":[1,2]}"), ("exp", "99")]),
+    ];
+    backend.import(&s, entries.clone()).await.unwrap();
+    assert_eq!(
+        backend
+            .range(&s, all(Direction::Forward, 10))
+            .await
+            .unwrap(),
+        entries
+    );
+    for refused in [
+        vec![imported(9, 3, &[("data", "again")])],
+        vec![
+            imported(10, 0, &[("data", "1")]),
+            imported(10, 0, &[("data", "2")]),
+        ],
+    ] {
+        assert!(matches!(
+            backend.import(&s, refused).await,
+            Err(BackendError::InvalidId(_))
+        ));
+    }
+
+    // The id generator and counters move as a copy's source had them.
+    backend
+        .set_last_id(&s, EntryId::new(20, 0), 10, EntryId::new(15, 0))
+        .await
+        .unwrap();
+    let info = backend.stream_info(&s).await.unwrap();
+    assert_eq!(
+        (
+            info.length,
+            info.last_generated_id,
+            info.entries_added,
+            info.max_deleted_id
+        ),
+        (3, EntryId::new(20, 0), 10, EntryId::new(15, 0))
+    );
+    let behind = AppendRequest {
+        entries: vec![NewEntry {
+            id: Some(EntryId::new(19, 0)),
+            ..message("late")
+        }],
+        ..request(Vec::new())
+    };
+    assert!(matches!(
+        backend.append(&s, behind).await,
+        Err(BackendError::InvalidId(_))
+    ));
+    assert!(matches!(
+        backend
+            .set_last_id(&s, EntryId::new(8, 0), 10, EntryId::MIN)
+            .await,
+        Err(BackendError::InvalidId(_))
+    ));
+    // On a missing stream it creates an empty one.
+    let empty = stream("imported-empty");
+    backend
+        .set_last_id(&empty, EntryId::new(7, 7), 3, EntryId::MIN)
+        .await
+        .unwrap();
+    let info = backend.stream_info(&empty).await.unwrap();
+    assert_eq!(
+        (info.length, info.last_generated_id, info.entries_added),
+        (0, EntryId::new(7, 7), 3)
+    );
+
+    // Deleting by id moves the largest deleted id; trimming does not.
+    let t = stream("deleted-ids");
+    let ids = fill(&backend, "deleted-ids", 4).await;
+    backend.delete_entries(&t, &[ids[2]]).await.unwrap();
+    backend.delete_entries(&t, &[ids[1]]).await.unwrap();
+    backend.trim(&t, Trim::MaxLen(1)).await.unwrap();
+    assert_eq!(
+        backend.stream_info(&t).await.unwrap().max_deleted_id,
+        ids[2]
+    );
+}
+
+async fn restored_pending_entries_keep_owner_count_and_idle_time<B: Backend>(backend: B) {
+    let (s, g) = (stream("restored"), group("g"));
+    let ids = fill(&backend, "restored", 3).await;
+    backend
+        .create_group(&s, &g, GroupStart::After(ids[1]))
+        .await
+        .unwrap();
+    let entry = |id: EntryId, owner: &str, idle_s: u64, deliveries: u64| PendingEntry {
+        id,
+        consumer: consumer(owner),
+        idle: Duration::from_secs(idle_s),
+        deliveries,
+    };
+    let missing = EntryId::new(ids[2].ms + 1, 0);
+    let restored = vec![
+        entry(ids[0], "alice", 60, 4),
+        entry(ids[1], "bob", 5, 1),
+        entry(missing, "bob", 5, 1),
+    ];
+    for _ in 0..2 {
+        // Twice: a re-run of a copy changes nothing.
+        assert_eq!(backend.restore_pending(&s, &g, &restored).await.unwrap(), 2);
+        let pending = backend
+            .pending(&s, &g, PendingQuery::all(10))
+            .await
+            .unwrap();
+        let seen: Vec<(EntryId, String, u64)> = pending
+            .iter()
+            .map(|p| (p.id, p.consumer.to_string(), p.deliveries))
+            .collect();
+        assert_eq!(
+            seen,
+            [(ids[0], "alice".into(), 4), (ids[1], "bob".into(), 1)]
+        );
+        assert!(pending[0].idle >= Duration::from_secs(60));
+        assert!(pending[0].idle < Duration::from_secs(70));
+    }
+    let consumers = backend.consumers(&s, &g).await.unwrap();
+    assert_eq!(
+        consumers
+            .iter()
+            .map(|c| (c.name.to_string(), c.pending))
+            .collect::<Vec<_>>(),
+        [("alice".into(), 1), ("bob".into(), 1)]
+    );
+    // Restored entries are claimed like any other once idle.
+    let page = backend
+        .claim_idle(
+            &s,
+            &g,
+            &consumer("carol"),
+            Duration::from_secs(30),
+            EntryId::MIN,
+            10,
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        page.claimed
+            .iter()
+            .map(|d| (d.entry.id, d.deliveries))
+            .collect::<Vec<_>>(),
+        [(ids[0], 5)]
+    );
+    assert!(matches!(
+        backend.restore_pending(&s, &group("none"), &restored).await,
+        Err(BackendError::GroupNotFound)
+    ));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

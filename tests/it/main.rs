@@ -37,6 +37,7 @@ mod auth;
 mod broadcast;
 mod cli;
 mod conformance;
+mod copy;
 mod groups;
 
 mod health;

@@ -14,124 +14,9 @@ use streamgate::backend::embedded::{DiskOptions, EmbeddedBackend, FsyncPolicy};
 use streamgate::backend::{AppendRequest, Backend, Retention};
 use streamgate::model::{EntryId, NewEntry, StreamName, now_ms};
 
-use crate::helpers::process::{self, Process};
+use crate::helpers::gateway::{Gateway, TOKEN, args};
+use crate::helpers::process;
 use crate::helpers::sse::SseClient;
-
-const TOKEN: &str = "storage-test-token";
-
-/// A streamgate process on a data directory, and a client for it.
-struct Gateway {
-    process: Process,
-    url: String,
-    client: reqwest::Client,
-}
-
-fn args(data_dir: &Path) -> Vec<String> {
-    [
-        "--bearer-token",
-        TOKEN,
-        "--http-address",
-        "127.0.0.1:0",
-        "--data-dir",
-    ]
-    .iter()
-    .map(|arg| arg.to_string())
-    .chain([data_dir.display().to_string()])
-    .collect()
-}
-
-impl Gateway {
-    async fn start(cwd: &Path, data_dir: &Path, env: &[(&str, &str)]) -> Gateway {
-        let args = args(data_dir);
-        let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut process = Process::spawn_in(cwd, &args, env);
-        let url = process.wait_for_url().await;
-        Gateway {
-            process,
-            url,
-            client: reqwest::Client::builder()
-                .timeout(Duration::from_secs(20))
-                .build()
-                .expect("client"),
-        }
-    }
-
-    async fn kill(mut self) {
-        self.process.signal("KILL");
-        self.process
-            .wait(Duration::from_secs(10))
-            .await
-            .expect("killed");
-    }
-
-    async fn stop(mut self) {
-        self.process.signal("TERM");
-        let status = self
-            .process
-            .wait(Duration::from_secs(20))
-            .await
-            .expect("stopped");
-        assert!(status.success(), "{}", self.process.stderr());
-    }
-
-    fn post(&self, path: &str) -> reqwest::RequestBuilder {
-        self.client
-            .post(format!("{}{path}", self.url))
-            .bearer_auth(TOKEN)
-    }
-
-    async fn get(&self, path: &str) -> (u16, Value) {
-        let response = self
-            .client
-            .get(format!("{}{path}", self.url))
-            .bearer_auth(TOKEN)
-            .send()
-            .await
-            .expect("GET");
-        let status = response.status().as_u16();
-        (status, response.json().await.unwrap_or(Value::Null))
-    }
-
-    async fn publish(&self, stream: &str, data: Value) -> String {
-        let response = self
-            .post(&format!("/api/streams/{stream}/messages"))
-            .json(&json!({ "data": data }))
-            .send()
-            .await
-            .expect("publish");
-        assert_eq!(response.status(), 201);
-        let body: Value = response.json().await.expect("JSON");
-        body["id"].as_str().expect("id").to_owned()
-    }
-
-    /// Every entry of a stream, oldest first, as (id, body).
-    async fn history(&self, stream: &str) -> Vec<(String, Value)> {
-        let mut all = Vec::new();
-        let mut from = "-".to_owned();
-        loop {
-            let (status, page) = self
-                .get(&format!(
-                    "/api/streams/{stream}/messages?count=1000&from={from}"
-                ))
-                .await;
-            assert_eq!(status, 200, "{page}");
-            for message in page["messages"].as_array().expect("messages") {
-                let id = message["id"].as_str().expect("id").to_owned();
-                all.push((id, message["body"].clone()));
-            }
-            match page["next"].as_str() {
-                Some(next) => from = next.to_owned(),
-                None => return all,
-            }
-        }
-    }
-
-    fn consume(&self, query: &str) -> reqwest::RequestBuilder {
-        self.client
-            .get(format!("{}/api/events?{query}", self.url))
-            .bearer_auth(TOKEN)
-    }
-}
 
 fn parse(id: &str) -> EntryId {
     id.parse().expect("entry id")
@@ -548,7 +433,7 @@ async fn corrupt_foreign_and_newer_directories_are_refused_with_a_clear_message(
 async fn a_torn_tail_is_cut_off_and_every_earlier_entry_comes_back() {
     let cwd = tempfile::tempdir().expect("tempdir");
     let data_dir = cwd.path().join("data");
-    let env = [];
+    let env: [(&str, &str); 0] = [];
     let gateway = Gateway::start(cwd.path(), &data_dir, &env).await;
     let mut ids = Vec::new();
     for n in 0..50 {
@@ -591,5 +476,16 @@ async fn a_torn_tail_is_cut_off_and_every_earlier_entry_comes_back() {
     // It keeps going from there.
     let next = parse(&gateway.publish("torn", json!("next")).await);
     assert!(next > parse(&ids[48]));
-    gateway.stop().await;
+    gateway.kill().await;
+    // A kill that tears nothing is not reported as a torn write, nor is a clean stop.
+    let gateway = Gateway::start(cwd.path(), &data_dir, &env).await;
+    assert_eq!(gateway.history("torn").await.len(), 50);
+    let log = gateway.stop().await;
+    assert!(!log.contains("incomplete tail"), "after a kill: {log}");
+    let gateway = Gateway::start(cwd.path(), &data_dir, &env).await;
+    let log = gateway.stop().await;
+    assert!(
+        !log.contains("incomplete tail"),
+        "after a clean stop: {log}"
+    );
 }

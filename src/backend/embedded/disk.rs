@@ -366,15 +366,40 @@ fn check_directory(path: &Path) -> Result<Found, OpenError> {
     }
 }
 
-/// The sizes of the journal files, to tell afterwards whether recovery cut a torn tail off.
-fn journal_sizes(database: &Path) -> HashMap<PathBuf, u64> {
-    std::fs::read_dir(database)
+/// Where the written bytes of each journal end: fjall preallocates journal files (zeros), so
+/// this is just past the last non-zero byte. Recovery cuts a journal back to its last complete
+/// write; if it cuts below this point, a torn write was discarded.
+fn journal_data_ends(database: &Path) -> Vec<(PathBuf, u64)> {
+    let journals = std::fs::read_dir(database)
         .into_iter()
         .flatten()
         .flatten()
-        .filter(|entry| entry.path().extension().is_some_and(|ext| ext == "jnl"))
-        .filter_map(|entry| Some((entry.path(), entry.metadata().ok()?.len())))
+        .map(|entry| entry.path())
+        .filter(|path| path.extension().is_some_and(|ext| ext == "jnl"));
+    journals
+        .filter_map(|path| Some((data_end(&path).ok()?, path)))
+        .map(|(end, path)| (path, end))
         .collect()
+}
+
+/// The offset just past the last non-zero byte of a file, read backwards in chunks.
+fn data_end(path: &Path) -> std::io::Result<u64> {
+    use std::io::{Read, Seek, SeekFrom};
+    const CHUNK: u64 = 1 << 20;
+    let mut file = std::fs::File::open(path)?;
+    let mut end = file.metadata()?.len();
+    let mut buffer = vec![0u8; CHUNK as usize];
+    while end > 0 {
+        let start = end.saturating_sub(CHUNK);
+        let chunk = &mut buffer[..(end - start) as usize];
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(chunk)?;
+        if let Some(last) = chunk.iter().rposition(|byte| *byte != 0) {
+            return Ok(start + last as u64 + 1);
+        }
+        end = start;
+    }
+    Ok(0)
 }
 
 impl Disk {
@@ -393,7 +418,7 @@ impl Disk {
             }
             tracing::warn!(path = %path.display(), "the data directory has no database yet; starting empty");
         }
-        let journals_before = journal_sizes(&database);
+        let journals_before = journal_data_ends(&database);
         let opened = std::panic::catch_unwind(|| {
             Database::builder(&database)
                 .cache_size(options.cache_size)
@@ -415,12 +440,14 @@ impl Disk {
             Ok(Err(error)) => return Err(corrupt(format!("{error:?}"))),
             Err(_) => return Err(corrupt("the storage engine could not read it".into())),
         };
-        for (journal, before) in journals_before {
-            let after = std::fs::metadata(&journal).map_or(0, |meta| meta.len());
-            if after < before {
+        for (journal, written) in journals_before {
+            let Ok(kept) = std::fs::metadata(&journal).map(|meta| meta.len()) else {
+                continue;
+            };
+            if kept < written {
                 tracing::warn!(
                     journal = %journal.display(),
-                    discarded_bytes = before - after,
+                    discarded_bytes = written - kept,
                     "recovered from an interrupted write: the incomplete tail of the journal was discarded (it was never acknowledged)"
                 );
             }
