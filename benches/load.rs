@@ -15,6 +15,11 @@
 //!   Redis clients running XREADGROUP COUNT 100 + XACK.
 //! - `idle`: resident memory per idle SSE subscriber and per idle (subscribed) WebSocket, at
 //!   10,000 connections each.
+//! - `durable`: the embedded engine on disk against streamgate on a Redis with an append-only
+//!   file, `storage.fsync` = `appendfsync` = `everysec`, then `always`: publish (50 connections,
+//!   5 s) and batch (100 per request).
+//! - `memory`: resident memory of the embedded engine (default 64 MiB cache) while 1 GiB of
+//!   1 KB messages is written (batches of 100, 4 connections) and then read back in full.
 //!
 //! Every client here is a minimal HTTP/1.1 client on a raw socket (the same one for streamgate and
 //! for the peers), so the load generator's own cost stays small and equal.
@@ -47,6 +52,10 @@ struct Server {
 
 impl Server {
     fn start(extra: &[&str]) -> Server {
+        Server::start_with_env(extra, &[])
+    }
+
+    fn start_with_env(extra: &[&str], env: &[(&str, &str)]) -> Server {
         let cwd = tempfile::tempdir().expect("tempdir");
         let mut child = Command::new(env!("CARGO_BIN_EXE_streamgate"))
             .current_dir(cwd.path())
@@ -60,6 +69,7 @@ impl Server {
             ])
             .args(extra)
             .env("STREAMGATE_LIMITS__MAX_CONNECTIONS", "30000")
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -213,22 +223,35 @@ const CONNECTIONS: usize = 50;
 /// How long each publish measurement runs.
 const RUN_FOR: Duration = Duration::from_secs(5);
 
-/// A `redis-server` of the bench's own on a free loopback port, without persistence.
+/// A `redis-server` of the bench's own on a free loopback port, without persistence unless
+/// asked (its files then go to a temporary directory of its own).
 struct Redis {
     child: Child,
     port: u16,
+    _dir: tempfile::TempDir,
 }
 
 impl Redis {
     fn start() -> Redis {
+        Redis::start_with(&["--appendonly", "no"])
+    }
+
+    fn start_with(persistence: &[&str]) -> Redis {
         let port = free_port();
+        let dir = tempfile::tempdir().expect("tempdir");
         let child = Command::new("redis-server")
             .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--maxclients", "20000"])
+            .args(["--save", "", "--maxclients", "20000", "--dir"])
+            .arg(dir.path())
+            .args(persistence)
             .stdout(Stdio::null())
             .spawn()
             .expect("start redis-server");
-        let redis = Redis { child, port };
+        let redis = Redis {
+            child,
+            port,
+            _dir: dir,
+        };
         for _ in 0..100 {
             if std::net::TcpStream::connect(redis.address()).is_ok() {
                 return redis;
@@ -529,6 +552,136 @@ async fn batch(rows: &mut Vec<Row>, server: &Server, redis: &Redis) {
         peer: rate(raw),
         ratio: ratio(per_second, raw),
     });
+}
+
+/// Scenario: the embedded engine on disk against streamgate on a Redis that persists the same way
+/// (`storage.fsync` = Redis's `appendfsync`), publish and batch, each pair run back to back.
+async fn durable(rows: &mut Vec<Row>) {
+    let single = post(
+        "/api/streams/bench-durable/messages",
+        "bench",
+        &format!(r#"{{"data":{PAYLOAD}}}"#),
+        &auth(),
+    );
+    let messages = vec![PAYLOAD; 100].join(",");
+    let batch = post(
+        "/api/streams/bench-durable-batch/messages/batch",
+        "bench",
+        &format!(r#"{{"messages":[{messages}]}}"#),
+        &auth(),
+    );
+    for policy in ["everysec", "always"] {
+        let redis = Redis::start_with(&["--appendonly", "yes", "--appendfsync", policy]);
+        let on_redis = Server::start(&["--redis-url", &redis.url()]);
+        let on_disk = Server::start_with_env(
+            &["--data-dir", "data"],
+            &[("STREAMGATE_STORAGE__FSYNC", policy)],
+        );
+        for (kind, request, per_request) in
+            [("publish", &single, 1.0), ("batch 100", &batch, 100.0)]
+        {
+            let disk = hammer(&on_disk.address, request.clone(), created).await;
+            let aof = hammer(&on_redis.address, request.clone(), created).await;
+            let (disk_rate, aof_rate) =
+                (disk.per_second * per_request, aof.per_second * per_request);
+            eprintln!(
+                "durable {kind} ({policy}): embedded {disk_rate:.0}/s p99 {:?}, on Redis AOF {aof_rate:.0}/s p99 {:?}",
+                disk.p99, aof.p99
+            );
+            rows.push(Row {
+                scenario: format!("{kind}, fsync {policy}: embedded vs Redis AOF"),
+                target: "≥ 1x".into(),
+                figure: format!("{} p99 {:.1}ms", rate(disk_rate), ms(disk.p99)),
+                peer: format!("{} p99 {:.1}ms", rate(aof_rate), ms(aof.p99)),
+                ratio: ratio(disk_rate, aof_rate),
+            });
+        }
+    }
+}
+
+/// Scenario: resident memory of the embedded engine (default 64 MiB cache) while 1 GiB of
+/// messages is written and then read back in full.
+async fn memory(rows: &mut Vec<Row>) {
+    const MESSAGE_BYTES: usize = 1000;
+    const PER_REQUEST: usize = 100;
+    const TOTAL_BYTES: usize = 1 << 30;
+    const WRITERS: usize = 4;
+    let server = std::sync::Arc::new(Server::start(&["--data-dir", "data"]));
+    let message = format!(r#"{{"pad":"{}"}}"#, "x".repeat(MESSAGE_BYTES - 10));
+    let messages = vec![message.as_str(); PER_REQUEST].join(",");
+    let request = std::sync::Arc::new(post(
+        "/api/streams/bench-memory/messages/batch",
+        "bench",
+        &format!(r#"{{"messages":[{messages}]}}"#),
+        &auth(),
+    ));
+    // Resident memory sampled every 100 ms while the phases run.
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let sampling = {
+        let (server, peak) = (server.clone(), peak.clone());
+        tokio::spawn(async move {
+            loop {
+                peak.fetch_max(server.rss(), std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        })
+    };
+    let requests = TOTAL_BYTES / (MESSAGE_BYTES * PER_REQUEST);
+    let started = Instant::now();
+    let writers: Vec<_> = (0..WRITERS)
+        .map(|_| {
+            let (address, request) = (server.address.clone(), request.clone());
+            tokio::spawn(async move {
+                let mut connection = Connection::open(&address).await;
+                for _ in 0..requests / WRITERS {
+                    let (status, body) = connection.call(&request).await;
+                    assert_eq!(status, 201, "{}", String::from_utf8_lossy(&body));
+                }
+            })
+        })
+        .collect();
+    for writer in writers {
+        writer.await.expect("writer");
+    }
+    let written = started.elapsed();
+    let write_peak = peak.swap(0, std::sync::atomic::Ordering::Relaxed);
+    let started = Instant::now();
+    let mut connection = Connection::open(&server.address).await;
+    let (mut from, mut read) = ("-".to_owned(), 0usize);
+    loop {
+        let request = format!(
+            "GET /api/streams/bench-memory/messages?count=1000&from={from} HTTP/1.1\r\nHost: bench\r\n{}\r\n",
+            auth()
+        );
+        let (status, body) = connection.call(request.as_bytes()).await;
+        assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+        let page: serde_json::Value = serde_json::from_slice(&body).expect("JSON");
+        read += page["messages"].as_array().map_or(0, Vec::len);
+        match page["next"].as_str() {
+            Some(next) => from = next.to_owned(),
+            None => break,
+        }
+    }
+    let read_time = started.elapsed();
+    let read_peak = peak.load(std::sync::atomic::Ordering::Relaxed);
+    sampling.abort();
+    let stored = requests / WRITERS * WRITERS * PER_REQUEST;
+    assert_eq!(read, stored, "every message read back");
+    let gib = (stored * MESSAGE_BYTES) as f64 / f64::from(1 << 30);
+    eprintln!(
+        "memory: wrote {gib:.2} GiB in {written:?} (peak RSS {} MiB), read it back in {read_time:?} (peak RSS {} MiB)",
+        write_peak >> 20,
+        read_peak >> 20
+    );
+    for (phase, peak) in [("writing", write_peak), ("reading back", read_peak)] {
+        rows.push(Row {
+            scenario: format!("embedded, {gib:.1} GiB, 64 MiB cache: {phase}"),
+            target: "≤ 300 MiB".into(),
+            figure: format!("{} MiB peak", peak >> 20),
+            peer: "-".into(),
+            ratio: format!("{:.2}x of target", peak as f64 / (300u64 << 20) as f64),
+        });
+    }
 }
 
 /// Microseconds since the bench started: the publish time carried in fan-out payloads.
@@ -949,6 +1102,12 @@ fn main() {
         }
         if wants("idle") {
             idle(&mut rows).await;
+        }
+        if wants("durable") {
+            durable(&mut rows).await;
+        }
+        if wants("memory") {
+            memory(&mut rows).await;
         }
     });
     print(&rows);

@@ -526,7 +526,7 @@ fn read(r: &mut Reader) -> Option<Config> {
         .unwrap_or(Duration::from_secs(30));
     let worker_threads = r
         .integer("worker_threads", 1..=1024)
-        .map_or_else(default_worker_threads, |n| n as usize);
+        .map_or_else(|| default_worker_threads(backend), |n| n as usize);
     let log_format = match r.string("log_format").as_deref() {
         None | Some("text") => LogFormat::Text,
         Some("json") => LogFormat::Json,
@@ -1137,13 +1137,16 @@ fn generate_token() -> String {
     hex::encode(rand::random::<[u8; 32]>())
 }
 
-/// One runtime thread fewer than the cores (at least one): the rest is left to the kernel's
-/// network work and to a Redis on the same machine. On two shared cores, one thread served more
-/// than two in every benchmark scenario (see BENCHMARKS.md): no cross-thread wake-ups.
-fn default_worker_threads() -> usize {
-    std::thread::available_parallelism()
-        .map_or(1, |cores| cores.get().saturating_sub(1))
-        .max(1)
+/// On Redis, one runtime thread fewer than the cores (at least one): the rest is left to the
+/// kernel's network work and to a Redis on the same machine (on two shared cores, one thread
+/// served more than two in every Redis scenario). The embedded engine has no Redis to leave a core
+/// to: every core (on two cores, two threads published 10–20 % more than one; see BENCHMARKS.md).
+fn default_worker_threads(backend: BackendKind) -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, |cores| cores.get());
+    match backend {
+        BackendKind::Redis => cores.saturating_sub(1).max(1),
+        BackendKind::Embedded => cores,
+    }
 }
 
 #[cfg(test)]

@@ -315,11 +315,17 @@ async fn keeps_serving_when_its_stdout_is_closed() {
 }
 
 #[test]
-fn worker_threads_default_to_one_fewer_than_the_cores() {
+fn worker_threads_default_to_the_cores_less_one_left_for_redis() {
     let cores = std::thread::available_parallelism().unwrap().get();
     let output = process::run(&["config", "check"], &[]);
     assert!(output.status.success(), "{}", stderr(&output));
-    let expected = format!("worker_threads = {}", cores.saturating_sub(1).max(1));
+    let expected = format!("worker_threads = {cores}\n");
+    assert!(stdout(&output).contains(&expected), "{}", stdout(&output));
+    let output = process::run(
+        &["config", "check", "--redis-url", "redis://127.0.0.1:1"],
+        &[],
+    );
+    let expected = format!("worker_threads = {}\n", cores.saturating_sub(1).max(1));
     assert!(stdout(&output).contains(&expected), "{}", stdout(&output));
 
     let output = process::run(&["config", "check"], &[("STREAMGATE_WORKER_THREADS", "3")]);

@@ -236,11 +236,25 @@ fn encode(record: &impl Serialize) -> Vec<u8> {
 
 /// An entry's fields as stored: postcard's encoding of a list of byte-string pairs.
 fn encode_fields(fields: &[(Bytes, Bytes)]) -> Vec<u8> {
-    let pairs: Vec<(&[u8], &[u8])> = fields
+    /// The fields as byte strings: serde would write a `&[u8]` one byte at a time (a sequence of
+    /// `u8`), `serde_bytes` writes it as one block; postcard encodes both the same way.
+    struct Stored<'a>(&'a [(Bytes, Bytes)]);
+    impl Serialize for Stored<'_> {
+        fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+            serializer.collect_seq(self.0.iter().map(|(field, value)| {
+                (
+                    serde_bytes::Bytes::new(field),
+                    serde_bytes::Bytes::new(value),
+                )
+            }))
+        }
+    }
+    let size: usize = fields
         .iter()
-        .map(|(field, value)| (field.as_ref(), value.as_ref()))
-        .collect();
-    postcard::to_allocvec(&pairs).unwrap_or_default()
+        .map(|(field, value)| field.len() + value.len() + 10)
+        .sum();
+    // Serializing byte strings into a vector cannot fail.
+    postcard::to_extend(&Stored(fields), Vec::with_capacity(size + 5)).unwrap_or_default()
 }
 
 /// Decodes an entry's fields as slices of the stored value (no copy).
@@ -258,10 +272,17 @@ fn storage_error(error: fjall::Error) -> BackendError {
     BackendError::Unavailable(format!("storage: {error}"))
 }
 
+#[derive(Default)]
+struct Requests {
+    count: u64,
+    idle: bool,
+}
+
 /// What the fsync thread and the writers waiting for it share.
 struct SyncState {
-    /// Fsyncs asked for by writers (`always`), a counter.
-    requested: Mutex<u64>,
+    /// Fsyncs asked for by writers (`always`), a counter, and whether the fsync thread is waiting
+    /// for one (only then does a writer wake it: a wake-up is a system call).
+    requested: Mutex<Requests>,
     wake: Condvar,
     /// The last request covered by a finished fsync; `u64::MAX` once the store has failed.
     synced: watch::Sender<u64>,
@@ -468,7 +489,7 @@ impl Disk {
             fsync: options.fsync,
             next_key: AtomicU64::new(1),
             sync: Arc::new(SyncState {
-                requested: Mutex::new(0),
+                requested: Mutex::new(Requests::default()),
                 wake: Condvar::new(),
                 synced,
                 written: AtomicU64::new(0),
@@ -541,10 +562,12 @@ impl Disk {
                 .requested
                 .lock()
                 .unwrap_or_else(|poison| poison.into_inner());
-            *requested += 1;
-            *requested
+            requested.count += 1;
+            if requested.idle {
+                self.sync.wake.notify_one();
+            }
+            requested.count
         };
-        self.sync.wake.notify_one();
         let mut synced = self.sync.synced.subscribe();
         let _ = synced.wait_for(|done| *done >= ticket).await;
         self.check()
@@ -561,9 +584,10 @@ impl Disk {
             self.failure.clone(),
             self.fsync,
         );
+        let journal = JournalSync::new(self.path.join(DATABASE_DIR));
         let thread = std::thread::Builder::new()
             .name("streamgate-fsync".into())
-            .spawn(move || sync_loop(&db, &sync, &failure, policy))?;
+            .spawn(move || sync_loop(&db, journal, &sync, &failure, policy))?;
         *self
             .sync_thread
             .lock()
@@ -1037,7 +1061,72 @@ impl Batch<'_> {
     }
 }
 
-fn sync_loop(db: &Database, sync: &SyncState, failure: &OnceLock<String>, policy: FsyncPolicy) {
+/// Makes the journal durable without holding fjall's journal lock: fjall's own
+/// `persist(SyncData)` holds the lock that every commit takes for as long as the fsync lasts, and
+/// every writer (the whole runtime, under load) would stall behind each fsync.
+///
+/// Every commit reaches the operating system before it returns, so an fsync of the journal file
+/// covers every commit made before it started. Only the active journal (the highest-numbered
+/// `N.jnl` in the database directory) needs it: fjall fsyncs a journal when it seals it and
+/// creates `N+1.jnl` (and fsyncs the directory). When no journal can be found there, fjall's own
+/// persist is used instead.
+struct JournalSync {
+    database: PathBuf,
+    /// The active journal as last seen: its number and an open handle.
+    active: Option<(u64, std::fs::File)>,
+}
+
+impl JournalSync {
+    fn new(database: PathBuf) -> JournalSync {
+        JournalSync {
+            database,
+            active: None,
+        }
+    }
+
+    fn journal_number(path: &Path) -> Option<u64> {
+        path.file_name()?
+            .to_str()?
+            .strip_suffix(".jnl")?
+            .parse()
+            .ok()
+    }
+
+    /// The active journal, reopened when fjall has moved on to the next one.
+    fn active(&mut self) -> Option<&std::fs::File> {
+        let moved_on = match &self.active {
+            Some((number, _)) => self.database.join(format!("{}.jnl", number + 1)).exists(),
+            None => true,
+        };
+        if moved_on {
+            let newest = std::fs::read_dir(&self.database)
+                .ok()?
+                .flatten()
+                .filter_map(|entry| Self::journal_number(&entry.path()))
+                .max()?;
+            let file = std::fs::File::open(self.database.join(format!("{newest}.jnl"))).ok()?;
+            self.active = Some((newest, file));
+        }
+        self.active.as_ref().map(|(_, file)| file)
+    }
+
+    fn sync(&mut self, db: &Database) -> Result<(), String> {
+        match self.active() {
+            Some(file) => file.sync_data().map_err(|error| error.to_string()),
+            None => db
+                .persist(PersistMode::SyncData)
+                .map_err(|error| format!("{error:?}")),
+        }
+    }
+}
+
+fn sync_loop(
+    db: &Database,
+    mut journal: JournalSync,
+    sync: &SyncState,
+    failure: &OnceLock<String>,
+    policy: FsyncPolicy,
+) {
     let mut synced_writes = 0;
     loop {
         let target = {
@@ -1049,33 +1138,31 @@ fn sync_loop(db: &Database, sync: &SyncState, failure: &OnceLock<String>, policy
                 if sync.stop.load(Ordering::Relaxed) {
                     return;
                 }
-                let pending = match policy {
-                    FsyncPolicy::Always => *requested > *sync.synced.borrow(),
-                    _ => false,
-                };
-                if pending {
+                if policy == FsyncPolicy::Always && requested.count > *sync.synced.borrow() {
                     break;
                 }
                 let wait = match policy {
                     FsyncPolicy::Always => Duration::from_millis(100),
                     _ => Duration::from_secs(1),
                 };
-                let (guard, timeout) = sync
+                requested.idle = true;
+                let (mut guard, timeout) = sync
                     .wake
                     .wait_timeout(requested, wait)
                     .unwrap_or_else(|poison| poison.into_inner());
+                guard.idle = false;
                 requested = guard;
                 if timeout.timed_out() && policy == FsyncPolicy::EverySec {
                     break;
                 }
             }
-            *requested
+            requested.count
         };
         let written = sync.written.load(Ordering::Relaxed);
         if policy == FsyncPolicy::EverySec && written == synced_writes {
             continue;
         }
-        match db.persist(PersistMode::SyncData) {
+        match journal.sync(db) {
             Ok(()) => {
                 synced_writes = written;
                 if policy == FsyncPolicy::Always {
@@ -1083,7 +1170,7 @@ fn sync_loop(db: &Database, sync: &SyncState, failure: &OnceLock<String>, policy
                 }
             }
             Err(error) => {
-                let failure_text = format!("fsync failed: {error:?}");
+                let failure_text = format!("fsync failed: {error}");
                 tracing::error!("{failure_text}");
                 let _ = failure.set(failure_text);
                 sync.synced.send_replace(u64::MAX);

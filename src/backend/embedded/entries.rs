@@ -120,6 +120,9 @@ impl Entries {
         below: Option<EntryId>,
         limit: usize,
     ) -> Result<Vec<EntryId>, BackendError> {
+        if count == 0 && below.is_none() {
+            return Ok(Vec::new());
+        }
         let wanted = |index: usize, id: EntryId| index < count || below.is_some_and(|b| id < b);
         match self {
             Entries::Memory { map, .. } => Ok(map

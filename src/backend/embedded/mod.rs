@@ -196,7 +196,7 @@ impl Engine {
             },
         };
         let mut state = cell.lock();
-        let mut changes = Changes::default();
+        let mut changes = Changes::new(self.disk.is_some());
         state.expire(now(), &mut changes);
         let result = (create || state.exists).then(|| op(&mut state, &mut changes));
         // Stored even when the operation failed half-way: the disk follows the state.
@@ -775,7 +775,9 @@ impl Backend for EmbeddedBackend {
                 (source.lock(), target_state)
             };
             let now = now();
-            let (mut source_changes, mut target_changes) = (Changes::default(), Changes::default());
+            let records = self.engine.disk.is_some();
+            let (mut source_changes, mut target_changes) =
+                (Changes::new(records), Changes::new(records));
             source_state.expire(now, &mut source_changes);
             target_state.expire(now, &mut target_changes);
             let moved = if source_state.exists {

@@ -103,6 +103,8 @@ pub struct EntryChange {
 /// are read from the state when storing) and the entries written or removed.
 #[derive(Debug, Default)]
 pub struct Changes {
+    /// Whether records are tracked (they are stored on disk; in memory only entries matter).
+    pub records: bool,
     pub entries: Vec<EntryChange>,
     /// The stream's own record (ids, counters, expiry, existence).
     pub meta: bool,
@@ -122,6 +124,14 @@ pub struct Remember {
 }
 
 impl Changes {
+    /// Changes to be stored: with their records on disk, entries only in memory.
+    pub fn new(records: bool) -> Changes {
+        Changes {
+            records,
+            ..Changes::default()
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
             && !self.meta
@@ -147,14 +157,21 @@ impl Changes {
     }
 
     fn group_record(&mut self, name: &GroupName) {
-        self.group(name).record = true;
+        if self.records {
+            self.group(name).record = true;
+        }
     }
 
     fn pending(&mut self, name: &GroupName, id: EntryId) {
-        self.group(name).pending.push(id);
+        if self.records {
+            self.group(name).pending.push(id);
+        }
     }
 
     fn consumer(&mut self, name: &GroupName, consumer: &ConsumerName) {
+        if !self.records {
+            return;
+        }
         let changes = self.group(name);
         if !changes.consumers.contains(consumer) {
             changes.consumers.push(consumer.clone());
