@@ -882,7 +882,7 @@ fn read_storage(r: &mut Reader, backend: BackendKind) -> StorageConfig {
         .collect();
     if backend == BackendKind::Redis && !explicit.is_empty() {
         r.warning(format!(
-            "{} only apply to the embedded backend; the Redis backend ignores them",
+            "the Redis backend ignores the embedded engine's settings ({})",
             explicit.join(", ")
         ));
     }

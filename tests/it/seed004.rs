@@ -13,9 +13,11 @@ use crate::helpers::{RedisServer, TOKEN, TestApp, json, problem};
 
 const WAIT: Duration = Duration::from_secs(5);
 const FAST: &str = "[consumer]\nvisibility_timeout = \"1s\"\n";
+/// Long enough for the server to notice a closed WebSocket before its messages become claimable.
+const REDELIVERY: &str = "[consumer]\nvisibility_timeout = \"3s\"\n";
 
 on_each_backend!(
-    websocket_group_consumers_ack_and_get_redeliveries = FAST,
+    websocket_group_consumers_ack_and_get_redeliveries = REDELIVERY,
     websocket_subscribes_to_several_topics,
     websocket_broadcast_resumes_from_an_id,
     websocket_publishes_pings_and_unsubscribes,
@@ -120,10 +122,17 @@ async fn websocket_group_consumers_ack_and_get_redeliveries(app: TestApp) {
     let second_job = first.expect().await;
     assert_eq!(second_job["payload"], json!({ "job": 2 }));
     drop(first);
+    // Once the server has seen w1 go, the claim can only go to w2: its second delivery.
+    for _ in 0..200 {
+        if app.get("/api/consumers/jobs/workers").await.status() == 404 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     let mut other = Ws::connect(&app).await;
     other.call(json!({ "type": "subscribe", "topics": ["jobs"], "group": "workers", "client_id": "w2" })).await;
     let redelivered = other
-        .next(Duration::from_secs(6))
+        .next(Duration::from_secs(10))
         .await
         .expect("redelivered");
     assert_eq!(

@@ -426,7 +426,9 @@ fn data_end(path: &Path) -> std::io::Result<u64> {
 impl Disk {
     /// Opens (or creates) the data directory and recovers every stream in it.
     pub fn open(options: &DiskOptions) -> Result<(Arc<Disk>, Recovered), OpenError> {
-        let path = options.path.clone();
+        // Absolute, so that messages and the banner say where the data is whatever the working
+        // directory.
+        let path = std::path::absolute(&options.path).unwrap_or_else(|_| options.path.clone());
         let corrupt = |detail: String| OpenError::Corrupt {
             path: path.clone(),
             detail,

@@ -349,14 +349,13 @@ impl EmbeddedBackend {
         shutdown: CancellationToken,
     ) -> Result<EmbeddedBackend, OpenError> {
         let (disk, streams) = Disk::open(options)?;
-        let backend = EmbeddedBackend::start(Some(disk), streams, shutdown);
         tracing::info!(
-            path = %options.path.display(),
+            path = %disk.path().display(),
             fsync = options.fsync.as_str(),
-            streams = backend.engine.streams.read().map_or(0, |streams| streams.len()),
+            streams = streams.len(),
             "embedded engine opened"
         );
-        Ok(backend)
+        Ok(EmbeddedBackend::start(Some(disk), streams, shutdown))
     }
 
     fn start(
