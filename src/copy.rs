@@ -8,8 +8,10 @@
 //! refused unless `--overwrite`.
 //!
 //! Must not: know about HTTP; copy idempotency records or consumers that hold nothing (they
-//! come back when their clients connect).
+//! come back when their clients connect). The source is opened as streamgate opens it (a stream
+//! whose idle time to live has run out is removed, as the server would).
 
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -19,10 +21,11 @@ use tokio_util::sync::CancellationToken;
 use crate::backend::embedded::{DiskOptions, EmbeddedBackend, FsyncPolicy};
 use crate::backend::redis::RedisBackend;
 use crate::backend::{
-    AnyBackend, Backend, BackendError, Direction, GroupStart, PendingQuery, RangeQuery, StreamInfo,
+    AnyBackend, Backend, BackendError, Direction, GroupStart, PendingEntry, PendingQuery,
+    RangeQuery, StreamInfo,
 };
 use crate::config::{CopyEnd, CopyPlan};
-use crate::model::{EntryId, StreamName};
+use crate::model::{EntryId, GroupName, StreamName};
 
 /// Entries (and pending entries) read and written per step.
 const PAGE: usize = 1_000;
@@ -120,6 +123,10 @@ async fn open(
             if source && !path.exists() {
                 anyhow::bail!("there is no data directory at {}", path.display());
             }
+            // Opening a directory without one would make it a data directory: not for a source.
+            if source && !path.join("FORMAT").exists() {
+                anyhow::bail!("{} is not a streamgate data directory", path.display());
+            }
             let options = DiskOptions {
                 path: path.clone(),
                 // Bulk writes; everything is fsynced when the copy closes the directory.
@@ -204,10 +211,10 @@ async fn resume_after(
     existing: &StreamInfo,
 ) -> Result<Option<EntryId>, BackendError> {
     let (Some(first), Some(last)) = (&existing.first_entry, &existing.last_entry) else {
-        // Empty: an earlier run that got no further than creating it, or that copied an empty
-        // stream.
-        let untouched = existing.last_generated_id == EntryId::MIN
-            || existing.last_generated_id == info.last_generated_id;
+        // Empty: an earlier run that copied an empty stream, or a stream nobody wrote to (with
+        // no groups of its own).
+        let untouched = existing.last_generated_id == info.last_generated_id
+            || (existing.last_generated_id == EntryId::MIN && existing.groups.is_empty());
         return Ok(untouched.then_some(EntryId::MIN));
     };
     if info.first_entry.as_ref() != Some(first) || existing.length > info.length {
@@ -221,6 +228,32 @@ async fn resume_after(
     };
     let same = source.range(name, at_last).await?.first() == Some(last);
     Ok(same.then_some(last.id))
+}
+
+/// A group's whole pending list, in pages.
+async fn pages(
+    backend: &AnyBackend,
+    name: &StreamName,
+    group: &GroupName,
+) -> Result<Vec<Vec<PendingEntry>>, BackendError> {
+    let mut pages = Vec::new();
+    let mut cursor = EntryId::MIN;
+    loop {
+        let query = PendingQuery {
+            start: cursor,
+            ..PendingQuery::all(PAGE)
+        };
+        let page = backend.pending(name, group, query).await?;
+        let next = page.last().and_then(|last| last.id.successor());
+        let full = page.len() == PAGE;
+        if !page.is_empty() {
+            pages.push(page);
+        }
+        match next {
+            Some(next) if full => cursor = next,
+            _ => return Ok(pages),
+        }
+    }
 }
 
 async fn copy_stream(
@@ -250,13 +283,18 @@ async fn copy_stream(
     };
     progress.inc(already);
     let mut entries = 0;
-    while let Some(start) = after.successor() {
+    // Up to the last id the source had when it was read: entries written to a live source
+    // meanwhile are left for the next run (they would follow the id set below).
+    while let Some(start) = after
+        .successor()
+        .filter(|start| *start <= info.last_generated_id)
+    {
         let page = source
             .range(
                 name,
                 RangeQuery {
                     start,
-                    end: EntryId::MAX,
+                    end: info.last_generated_id,
                     count: PAGE,
                     direction: Direction::Forward,
                 },
@@ -285,20 +323,22 @@ async fn copy_stream(
                 .set_group_position(name, &group.name, position)
                 .await?;
         }
-        let mut cursor = EntryId::MIN;
-        loop {
-            let query = PendingQuery {
-                start: cursor,
-                ..PendingQuery::all(PAGE)
-            };
-            let page = source.pending(name, &group.name, query).await?;
-            let Some(last) = page.last() else { break };
-            let next = last.id.successor();
+        let mut in_source = HashSet::new();
+        for page in pages(source, name, &group.name).await? {
+            in_source.extend(page.iter().map(|entry| entry.id));
             pending += target.restore_pending(name, &group.name, &page).await?;
-            match next {
-                Some(next) if page.len() == PAGE => cursor = next,
-                _ => break,
-            }
+        }
+        // What the target holds that the source no longer does (finished since an earlier run)
+        // is finished there too: the target's pending list becomes the source's.
+        let finished: Vec<EntryId> = pages(target, name, &group.name)
+            .await?
+            .into_iter()
+            .flatten()
+            .map(|entry| entry.id)
+            .filter(|id| !in_source.contains(id))
+            .collect();
+        for chunk in finished.chunks(PAGE) {
+            target.ack(name, &group.name, chunk, false).await?;
         }
     }
     Ok(Outcome::Copied {

@@ -468,8 +468,8 @@ pub trait Backend: Clone + Send + Sync + 'static {
 
     /// Appends entries exactly as given, ids and fields (a copy from another store): the ids
     /// must be increasing and follow the stream's last id ([`BackendError::InvalidId`]
-    /// otherwise). Readers see all of them or none, unless an id is refused (Redis then keeps
-    /// those before it).
+    /// otherwise). Readers see all of them or none; when some ids are refused, the embedded
+    /// engine writes none, Redis (`MULTI`/`EXEC`, not undone) the ones after them.
     fn import(
         &self,
         stream: &StreamName,

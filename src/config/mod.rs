@@ -1083,6 +1083,16 @@ impl CopyEnd {
     }
 }
 
+/// Whether two paths name one directory (`./d` and `d`, or through a link).
+fn same_directory(a: &std::path::Path, b: &std::path::Path) -> bool {
+    let real = |path: &std::path::Path| {
+        std::fs::canonicalize(path)
+            .or_else(|_| std::path::absolute(path))
+            .unwrap_or_else(|_| path.to_owned())
+    };
+    real(a) == real(b)
+}
+
 /// What `streamgate copy` is asked to do.
 #[derive(Debug, Clone)]
 pub struct CopyPlan {
@@ -1114,7 +1124,7 @@ impl CopyPlan {
         match (from, to) {
             (Some(from), Some(to)) if problems.is_empty() => {
                 if let (CopyEnd::Directory(a), CopyEnd::Directory(b)) = (&from, &to)
-                    && a == b
+                    && same_directory(a, b)
                 {
                     return Err(ConfigError(vec![
                         "--from and --to name the same directory".into(),

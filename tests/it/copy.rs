@@ -8,7 +8,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use crate::helpers::RedisServer;
-use crate::helpers::gateway::Gateway;
+use crate::helpers::gateway::{Gateway, id_of, receive};
 use crate::helpers::process;
 use crate::helpers::sse::SseClient;
 
@@ -98,27 +98,9 @@ async fn written(cwd: &Path, data_dir: &Path) -> Value {
     let mut first =
         SseClient::open(gateway.consume("stream=orders&group=workers&consumer=alice&limit=3"))
             .await;
-    let mut ids = Vec::new();
-    for _ in 0..3 {
-        let event = first
-            .next_event(Duration::from_secs(10))
-            .await
-            .expect("delivery");
-        ids.push(event.json()["id"].as_str().expect("id").to_owned());
-    }
-    let finished = gateway
-        .post(&format!(
-            "/api/streams/orders/groups/workers/consumers/alice/messages/{}/finish",
-            ids[0]
-        ))
-        .send()
-        .await
-        .expect("finish");
-    assert_eq!(finished.status(), 200);
-    first
-        .next_event(Duration::from_secs(10))
-        .await
-        .expect("the fourth");
+    let ids: Vec<String> = receive(&mut first, 3).await.iter().map(id_of).collect();
+    gateway.finish("orders", "workers", "alice", &ids[0]).await;
+    receive(&mut first, 1).await; // the fourth, in the slot the finish freed
     drop(first);
     let nacked = gateway
         .post(&format!(
@@ -143,38 +125,23 @@ async fn written(cwd: &Path, data_dir: &Path) -> Value {
             redelivered = true;
             break;
         }
-        let id = message["id"].as_str().expect("id");
-        let finished = gateway
-            .post(&format!(
-                "/api/streams/orders/groups/workers/consumers/bob/messages/{id}/finish"
-            ))
-            .send()
-            .await
-            .expect("finish");
-        assert_eq!(finished.status(), 200);
+        gateway
+            .finish("orders", "workers", "bob", &id_of(&message))
+            .await;
     }
     assert!(redelivered, "the nacked entry came back");
     drop(second);
     tokio::time::sleep(Duration::from_millis(300)).await;
     let expected = snapshot(&gateway).await;
-    let pending = &expected["orders"]["groups"][0]["pending"];
+    let pending = expected["orders"]["groups"][0]["pending"]
+        .as_array()
+        .expect("pending entries");
+    let holds = |test: &dyn Fn(&Value) -> bool| pending.iter().any(test);
     assert!(
-        pending
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|entry| entry[2] == 2)
-            && pending
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|entry| entry[1] == "alice")
-            && pending
-                .as_array()
-                .unwrap()
-                .iter()
-                .any(|entry| entry[1] == "bob"),
-        "the fixture holds what the test needs: {pending}"
+        holds(&|entry| entry[2] == 2)
+            && holds(&|entry| entry[1] == "alice")
+            && holds(&|entry| entry[1] == "bob"),
+        "the fixture holds what the test needs: {pending:?}"
     );
     gateway.stop().await;
     expected
@@ -259,6 +226,10 @@ async fn a_rerun_continues_after_what_was_copied_and_other_streams_are_refused()
         gateway.publish("orders", json!(n)).await;
         gateway.publish("audit", json!(n)).await;
     }
+    let mut consumer =
+        SseClient::open(gateway.consume("stream=orders&group=workers&consumer=c&limit=3")).await;
+    let held: Vec<String> = receive(&mut consumer, 3).await.iter().map(id_of).collect();
+    drop(consumer);
     gateway.stop().await;
     let source = data_dir.to_str().unwrap();
     let output = copy(cwd.path(), source, &redis.url(), &["--streams", "ord*"]);
@@ -267,32 +238,52 @@ async fn a_rerun_continues_after_what_was_copied_and_other_streams_are_refused()
         !stdout(&output).contains("audit"),
         "only the matching streams"
     );
+    assert_eq!(row(&output, "orders")[1..6], ["5", "0", "1", "3", "copied"]);
 
-    // More was written to the source since (as after an interrupted copy): only that is copied.
+    // Since then, the source got more entries (as after an interrupted copy: only they are
+    // copied), a pending entry was finished (so it is finished in the target too) and a new
+    // stream appeared.
     let gateway = Gateway::start(cwd.path(), &data_dir, &[]).await;
     for n in 5..8 {
         gateway.publish("orders", json!(n)).await;
     }
+    gateway.finish("orders", "workers", "c", &held[0]).await;
+    gateway.publish("fresh", json!("new")).await;
     gateway.stop().await;
-    // A stream of the same name, with other content, is already in the target.
+    // In the target: a stream of the same name with other content, and an empty stream with
+    // groups of its own.
     let _: String = redis.cmd(&["XADD", "audit", "1-1", "data", "\"not from the source\""]);
+    let _: String = redis.cmd(&["XGROUP", "CREATE", "fresh", "theirs", "$", "MKSTREAM"]);
     let output = copy(cwd.path(), source, &redis.url(), &[]);
     assert_eq!(output.status.code(), Some(1), "{}", stdout(&output));
-    assert_eq!(row(&output, "orders")[1..6], ["3", "5", "0", "0", "copied"]);
-    assert!(
-        row(&output, "audit").join(" ").contains("refused"),
-        "{}",
-        stdout(&output)
-    );
+    assert_eq!(row(&output, "orders")[1..6], ["3", "5", "1", "2", "copied"]);
+    for refused in ["audit", "fresh"] {
+        assert!(
+            row(&output, refused).join(" ").contains("refused"),
+            "{}",
+            stdout(&output)
+        );
+    }
     let audit: u64 = redis.cmd(&["XLEN", "audit"]);
     assert_eq!(audit, 1, "the refused stream is untouched");
     let orders: Vec<redis::Value> = redis.cmd(&["XRANGE", "orders", "-", "+"]);
     assert_eq!(orders.len(), 8);
+    let pending: Vec<redis::Value> = redis.cmd(&["XPENDING", "orders", "workers", "-", "+", "10"]);
+    assert_eq!(
+        pending.len(),
+        2,
+        "finished in the source, finished in the target"
+    );
 
     let output = copy(cwd.path(), source, &redis.url(), &["--overwrite"]);
     assert!(output.status.success(), "{}", stdout(&output));
     let audit: u64 = redis.cmd(&["XLEN", "audit"]);
     assert_eq!(audit, 5, "replaced with --overwrite");
+    let groups: Vec<redis::Value> = redis.cmd(&["XINFO", "GROUPS", "fresh"]);
+    assert!(
+        groups.is_empty(),
+        "replaced: the target's own group is gone"
+    );
 }
 
 #[test]
@@ -310,8 +301,24 @@ fn copy_explains_what_it_cannot_do() {
     assert!(stderr.contains("there is no data directory at"), "{stderr}");
     assert!(!missing.exists());
 
-    let output = copy(cwd.path(), "a", "a", &[]);
-    assert_eq!(output.status.code(), Some(2));
+    // A directory that is not a data directory is not made one.
+    let empty = cwd.path().join("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let output = copy(cwd.path(), "empty", "redis://127.0.0.1:1", &[]);
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("is not a streamgate data directory"),
+        "{stderr}"
+    );
+    assert_eq!(std::fs::read_dir(&empty).unwrap().count(), 0);
+
+    for (from, to) in [("a", "a"), ("empty", "./empty")] {
+        let output = copy(cwd.path(), from, to, &[]);
+        assert_eq!(output.status.code(), Some(2), "{from} {to}");
+        let stderr = String::from_utf8_lossy(&output.stderr);
+        assert!(stderr.contains("name the same directory"), "{stderr}");
+    }
     let output = copy(cwd.path(), "redis://", "b", &[]);
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("--from"));

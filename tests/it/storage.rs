@@ -14,7 +14,7 @@ use streamgate::backend::embedded::{DiskOptions, EmbeddedBackend, FsyncPolicy};
 use streamgate::backend::{AppendRequest, Backend, Retention};
 use streamgate::model::{EntryId, NewEntry, StreamName, now_ms};
 
-use crate::helpers::gateway::{Gateway, TOKEN, args};
+use crate::helpers::gateway::{Gateway, TOKEN, args, id_of, receive};
 use crate::helpers::process;
 use crate::helpers::sse::SseClient;
 
@@ -152,30 +152,11 @@ async fn group_state_survives_sigkill_and_a_returning_consumer_gets_its_pending_
     let mut consumer =
         SseClient::open(gateway.consume("stream=jobs&group=workers&consumer=c1&limit=3")).await;
     assert_eq!(consumer.status, 200);
-    let mut delivered = Vec::new();
-    for _ in 0..3 {
-        let event = consumer
-            .next_event(Duration::from_secs(10))
-            .await
-            .expect("a delivery");
-        delivered.push(event.json()["id"].as_str().expect("id").to_owned());
-    }
+    let delivered: Vec<String> = receive(&mut consumer, 3).await.iter().map(id_of).collect();
     assert_eq!(delivered, ids[..3]);
-    let finished = gateway
-        .post(&format!(
-            "/api/streams/jobs/groups/workers/consumers/c1/messages/{}/finish",
-            ids[0]
-        ))
-        .send()
-        .await
-        .expect("finish");
-    assert_eq!(finished.status(), 200);
+    gateway.finish("jobs", "workers", "c1", &ids[0]).await;
     // The finish freed a slot: the fourth entry comes.
-    let event = consumer
-        .next_event(Duration::from_secs(10))
-        .await
-        .expect("a delivery");
-    assert_eq!(event.json()["id"].as_str(), Some(ids[3].as_str()));
+    assert_eq!(id_of(&receive(&mut consumer, 1).await[0]), ids[3]);
     drop(consumer);
     tokio::time::sleep(Duration::from_millis(600)).await;
     gateway.kill().await;
@@ -227,18 +208,11 @@ async fn group_state_survives_sigkill_and_a_returning_consumer_gets_its_pending_
     // The consumer comes back: its own pending entries first, then the rest of the stream.
     let mut consumer =
         SseClient::open(gateway.consume("stream=jobs&group=workers&consumer=c1&limit=10")).await;
-    let mut received = Vec::new();
-    for _ in 0..4 {
-        let event = consumer
-            .next_event(Duration::from_secs(10))
-            .await
-            .expect("a delivery");
-        let message = event.json();
-        received.push((
-            message["id"].as_str().unwrap().to_owned(),
-            message["deliveries"].as_u64().unwrap(),
-        ));
-    }
+    let received: Vec<(String, u64)> = receive(&mut consumer, 4)
+        .await
+        .iter()
+        .map(|message| (id_of(message), message["deliveries"].as_u64().unwrap()))
+        .collect();
     assert_eq!(
         received,
         [

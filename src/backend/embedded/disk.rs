@@ -286,7 +286,7 @@ struct SyncState {
     wake: Condvar,
     /// The last request covered by a finished fsync; `u64::MAX` once the store has failed.
     synced: watch::Sender<u64>,
-    /// Commits so far, and those an fsync has covered (`everysec` skips idle seconds).
+    /// Commits so far (`everysec` skips the fsync of a second without any).
     written: AtomicU64,
     stop: AtomicBool,
 }
@@ -451,12 +451,6 @@ impl Disk {
         let db = match opened {
             Ok(Ok(db)) => db,
             Ok(Err(fjall::Error::Locked)) => return Err(OpenError::InUse(path)),
-            Ok(Err(fjall::Error::InvalidVersion(Some(version)))) if version as u8 > 3 => {
-                return Err(OpenError::NewerFormat {
-                    path,
-                    found: FORMAT_VERSION + 1,
-                });
-            }
             Ok(Err(fjall::Error::Io(error))) if error.kind() != std::io::ErrorKind::InvalidData => {
                 return Err(OpenError::Io { path, error });
             }
@@ -705,6 +699,7 @@ impl Disk {
     // Background work, each step bounded (the sweeper calls these on a blocking thread).
 
     /// Removes up to `budget` idempotency records that expired by `now_ms`; whether more remain.
+    /// The caller holds the engine's idempotency lock, so no append writes a record meanwhile.
     pub fn expire_idempotency(&self, now_ms: u64, budget: usize) -> Result<bool, BackendError> {
         self.check()?;
         let mut batch = self.db.batch();
@@ -951,9 +946,13 @@ impl Batch<'_> {
         changes: &Changes,
     ) -> Result<(), BackendError> {
         let (disk, batch) = (self.disk, &mut self.batch);
+        // The state has already changed: a failure to store it is a failure of the store.
         let remove_prefix = |batch: &mut fjall::OwnedWriteBatch, prefix: &[u8]| {
             for guard in disk.state.prefix(prefix) {
-                batch.remove(&disk.state, guard.key().map_err(storage_error)?);
+                let key = guard
+                    .key()
+                    .map_err(|error| disk.fail("reading records to remove", error))?;
+                batch.remove(&disk.state, key);
             }
             Ok::<(), BackendError>(())
         };
@@ -1094,10 +1093,13 @@ impl JournalSync {
             .ok()
     }
 
-    /// The active journal, reopened when fjall has moved on to the next one.
+    /// The active journal, looked up again when fjall has moved on: when `N+1.jnl` exists, or
+    /// when `N.jnl` is gone (fjall deletes flushed journals oldest first, so a journal that
+    /// still exists without a successor is the active one).
     fn active(&mut self) -> Option<&std::fs::File> {
+        let journal = |number: u64| self.database.join(format!("{number}.jnl"));
         let moved_on = match &self.active {
-            Some((number, _)) => self.database.join(format!("{}.jnl", number + 1)).exists(),
+            Some((number, _)) => !journal(*number).exists() || journal(number + 1).exists(),
             None => true,
         };
         if moved_on {
@@ -1198,6 +1200,32 @@ mod tests {
         let stored = Bytes::from(encode_fields(&fields));
         assert_eq!(decode_fields(stored).unwrap(), fields);
         assert!(decode_fields(Bytes::from_static(b"\x05")).is_err());
+    }
+
+    #[test]
+    fn the_fsync_follows_the_active_journal_as_fjall_rotates_and_deletes_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let touch = |number: u64| std::fs::write(dir.path().join(format!("{number}.jnl")), b"x");
+        let remove = |number: u64| std::fs::remove_file(dir.path().join(format!("{number}.jnl")));
+        let mut journal = JournalSync::new(dir.path().to_owned());
+        let active = |journal: &mut JournalSync| {
+            let _ = journal.active();
+            journal.active.as_ref().map(|(number, _)| *number)
+        };
+        assert_eq!(active(&mut journal), None);
+        touch(3).unwrap();
+        assert_eq!(active(&mut journal), Some(3));
+        touch(4).unwrap();
+        assert_eq!(active(&mut journal), Some(4));
+        // Sealed and flushed journals are deleted oldest first while writes go on: 4 and 5 are
+        // gone by the time the fsync thread looks again, and 6 has no successor yet.
+        touch(5).unwrap();
+        touch(6).unwrap();
+        remove(4).unwrap();
+        remove(5).unwrap();
+        assert_eq!(active(&mut journal), Some(6));
+        remove(3).unwrap();
+        assert_eq!(active(&mut journal), Some(6));
     }
 
     #[test]

@@ -43,8 +43,12 @@ use crate::model::{ConsumerName, Entry, EntryId, GroupName, NewEntry, StreamName
 /// are swept away.
 const SWEEP_INTERVAL: Duration = Duration::from_secs(1);
 
-/// Most records one sweep removes from disk (the rest waits for the next sweep).
-const SWEEP_BUDGET: usize = 20_000;
+/// Records removed from disk in one step of a sweep: expired idempotency records are removed
+/// while holding the lock idempotent appends take, so a step is short.
+const SWEEP_STEP: usize = 1_000;
+
+/// Longest a sweep keeps removing records from disk before leaving the rest to the next one.
+const SWEEP_BUDGET: Duration = Duration::from_millis(200);
 
 /// Most entries one step of a trim removes while holding the stream's lock.
 const TRIM_STEP: usize = 10_000;
@@ -310,7 +314,9 @@ impl Engine {
         let mut streams = self.streams.write().unwrap_or_else(|p| p.into_inner());
         streams.retain(|_, cell| {
             // Only the map holds an unused cell, and nobody can take it while the map is locked.
-            cell.lock().exists || Arc::strong_count(cell) > 1 || cell.appended.receiver_count() > 0
+            // A cell locked by an operation is in use: the map is not held waiting for it.
+            let exists = cell.state.try_lock().map_or(true, |state| state.exists);
+            exists || Arc::strong_count(cell) > 1 || cell.appended.receiver_count() > 0
         });
         drop(streams);
         let now = now_ms();
@@ -318,6 +324,28 @@ impl Engine {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|_, (_, expires_at)| *expires_at > now);
+        Ok(())
+    }
+}
+
+impl Engine {
+    /// Removes expired idempotency records and deleted streams' entries from disk, in steps,
+    /// for at most [`SWEEP_BUDGET`]. Blocking: runs on a blocking thread.
+    fn sweep_disk(&self) -> Result<(), BackendError> {
+        let Some(disk) = &self.disk else {
+            return Ok(());
+        };
+        let started = std::time::Instant::now();
+        let mut more = true;
+        while more && started.elapsed() < SWEEP_BUDGET {
+            // Under the lock idempotent appends take: none writes a record this step removes.
+            let _records = self.idempotency.lock().unwrap_or_else(|p| p.into_inner());
+            more = disk.expire_idempotency(now_ms(), SWEEP_STEP)?;
+        }
+        more = true;
+        while more && started.elapsed() < SWEEP_BUDGET {
+            more = disk.clean_dropped(SWEEP_STEP * 10)?;
+        }
         Ok(())
     }
 }
@@ -399,16 +427,11 @@ async fn sweep_until(engine: Weak<Engine>, shutdown: CancellationToken) {
         if let Err(error) = engine.sweep() {
             tracing::warn!(%error, "embedded engine: sweeping expired streams failed");
         }
-        let Some(disk) = engine.disk.clone() else {
+        if engine.disk.is_none() {
             continue;
-        };
-        drop(engine);
+        }
         // Bounded steps on disk, away from the runtime's threads.
-        let swept = tokio::task::spawn_blocking(move || {
-            disk.expire_idempotency(now_ms(), SWEEP_BUDGET)?;
-            disk.clean_dropped(SWEEP_BUDGET)
-        })
-        .await;
+        let swept = tokio::task::spawn_blocking(move || engine.sweep_disk()).await;
         if let Ok(Err(error)) = swept {
             tracing::warn!(%error, "embedded engine: removing expired records failed");
         }

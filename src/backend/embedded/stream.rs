@@ -681,11 +681,12 @@ impl StreamState {
             info.deliveries += 1;
             info.delivered_at = now;
             let deliveries = info.deliveries;
-            if previous != *consumer {
-                if let Some(owner) = group.consumers.get_mut(&previous) {
-                    owner.pending.remove(&id);
-                }
-                changes.consumer(name, &previous);
+            // The previous owner's record holds only its last-seen time; the pending records
+            // say who owns what.
+            if previous != *consumer
+                && let Some(owner) = group.consumers.get_mut(&previous)
+            {
+                owner.pending.remove(&id);
             }
             group.consumer(consumer, now).pending.insert(id);
             page.claimed.push(Delivery { entry, deliveries });

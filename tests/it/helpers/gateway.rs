@@ -7,6 +7,7 @@ use std::time::Duration;
 use serde_json::{Value, json};
 
 use super::process::Process;
+use super::sse::SseClient;
 
 pub const TOKEN: &str = "storage-test-token";
 
@@ -125,4 +126,34 @@ impl Gateway {
             .get(format!("{}/api/events?{query}", self.url))
             .bearer_auth(TOKEN)
     }
+
+    /// Finishes `id` as `consumer` of `group` (the explicit route); asserts it was pending.
+    pub async fn finish(&self, stream: &str, group: &str, consumer: &str, id: &str) {
+        let response = self
+            .post(&format!(
+                "/api/streams/{stream}/groups/{group}/consumers/{consumer}/messages/{id}/finish"
+            ))
+            .send()
+            .await
+            .expect("finish");
+        assert_eq!(response.status(), 200, "finish {id}");
+    }
+}
+
+/// The next `n` messages a consumer receives (10 s at most each).
+pub async fn receive(client: &mut SseClient, n: usize) -> Vec<Value> {
+    let mut messages = Vec::with_capacity(n);
+    for _ in 0..n {
+        let event = client
+            .next_event(Duration::from_secs(10))
+            .await
+            .expect("a delivery");
+        messages.push(event.json());
+    }
+    messages
+}
+
+/// A delivered message's entry id.
+pub fn id_of(message: &Value) -> String {
+    message["id"].as_str().expect("id").to_owned()
 }
