@@ -273,6 +273,40 @@ pub struct StreamInfo {
     pub groups: Vec<GroupInfo>,
 }
 
+/// A claim on one consumer name of a group: at most one connection holds it at a time, across
+/// every instance sharing the backend. It lapses after its time to live unless renewed, so the
+/// leases of an instance that died free themselves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub stream: StreamName,
+    pub group: GroupName,
+    pub consumer: ConsumerName,
+    /// The holding connection, `<instance>:<connection>`.
+    pub token: String,
+}
+
+impl Lease {
+    /// The instance part of the token, with its separator (`<instance>:`).
+    pub fn instance_prefix(&self) -> &str {
+        match self.token.find(':') {
+            Some(at) => &self.token[..=at],
+            None => &self.token,
+        }
+    }
+}
+
+/// What one instance says about one consumer group it serves: its consumers there now, and the
+/// messages delivered to and finished by them since they connected.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct GroupReport {
+    pub stream: StreamName,
+    pub group: GroupName,
+    pub instance: String,
+    pub consumers: u64,
+    pub delivered: u64,
+    pub finished: u64,
+}
+
 /// The storage contract every backend fulfils identically (checked by one conformance suite).
 ///
 /// Semantics follow Redis Streams:
@@ -495,6 +529,65 @@ pub trait Backend: Clone + Send + Sync + 'static {
         group: &GroupName,
         pending: &[PendingEntry],
     ) -> impl Future<Output = Result<u64, BackendError>> + Send;
+
+    // Coordination of the instances that share the backend. None of these grows with the number
+    // of messages: they follow connections, groups and instances.
+
+    /// Takes a consumer lease for `ttl` when nobody holds it, or when a connection of the same
+    /// instance (the token's `<instance>:` prefix) does: the caller knows that connection has
+    /// ended. `false` when another instance's connection holds it.
+    fn acquire_lease(
+        &self,
+        lease: &Lease,
+        ttl: Duration,
+    ) -> impl Future<Output = Result<bool, BackendError>> + Send;
+
+    /// Extends leases for `ttl`, taking back any that lapsed while nobody else took it; `false`
+    /// for each that another connection holds now.
+    fn renew_leases(
+        &self,
+        leases: &[Lease],
+        ttl: Duration,
+    ) -> impl Future<Output = Result<Vec<bool>, BackendError>> + Send;
+
+    /// Gives a lease up, if its token still holds it.
+    fn release_lease(&self, lease: &Lease)
+    -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    /// Publishes one instance's reports on the groups it serves, each valid for `ttl` (a report
+    /// replaces the instance's earlier one for the same group).
+    fn report_groups(
+        &self,
+        reports: &[GroupReport],
+        ttl: Duration,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    /// Every instance's reports that are still valid.
+    fn group_reports(&self) -> impl Future<Output = Result<Vec<GroupReport>, BackendError>> + Send;
+
+    /// Sets a group's consumer limit for every instance.
+    fn set_group_limit(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+        limit: u32,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    /// The limits set for these groups, in order (`None` where none was set).
+    fn group_limits(
+        &self,
+        groups: &[(StreamName, GroupName)],
+    ) -> impl Future<Output = Result<Vec<Option<u32>>, BackendError>> + Send;
+
+    /// Sends a control message to every instance sharing the backend, this one included, if
+    /// they are listening now (nothing is stored: a missed message is not sent again).
+    fn publish_control(
+        &self,
+        payload: bytes::Bytes,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send;
+
+    /// Control messages from now on. A receiver that falls behind skips messages (it is told).
+    fn control_messages(&self) -> tokio::sync::broadcast::Receiver<bytes::Bytes>;
 }
 
 /// The configured backend.
@@ -729,6 +822,58 @@ impl Backend for AnyBackend {
         pending: &[PendingEntry],
     ) -> Result<u64, BackendError> {
         dispatch!(self, backend => backend.restore_pending(stream, group, pending).await)
+    }
+
+    async fn acquire_lease(&self, lease: &Lease, ttl: Duration) -> Result<bool, BackendError> {
+        dispatch!(self, backend => backend.acquire_lease(lease, ttl).await)
+    }
+
+    async fn renew_leases(
+        &self,
+        leases: &[Lease],
+        ttl: Duration,
+    ) -> Result<Vec<bool>, BackendError> {
+        dispatch!(self, backend => backend.renew_leases(leases, ttl).await)
+    }
+
+    async fn release_lease(&self, lease: &Lease) -> Result<(), BackendError> {
+        dispatch!(self, backend => backend.release_lease(lease).await)
+    }
+
+    async fn report_groups(
+        &self,
+        reports: &[GroupReport],
+        ttl: Duration,
+    ) -> Result<(), BackendError> {
+        dispatch!(self, backend => backend.report_groups(reports, ttl).await)
+    }
+
+    async fn group_reports(&self) -> Result<Vec<GroupReport>, BackendError> {
+        dispatch!(self, backend => backend.group_reports().await)
+    }
+
+    async fn set_group_limit(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+        limit: u32,
+    ) -> Result<(), BackendError> {
+        dispatch!(self, backend => backend.set_group_limit(stream, group, limit).await)
+    }
+
+    async fn group_limits(
+        &self,
+        groups: &[(StreamName, GroupName)],
+    ) -> Result<Vec<Option<u32>>, BackendError> {
+        dispatch!(self, backend => backend.group_limits(groups).await)
+    }
+
+    async fn publish_control(&self, payload: bytes::Bytes) -> Result<(), BackendError> {
+        dispatch!(self, backend => backend.publish_control(payload).await)
+    }
+
+    fn control_messages(&self) -> tokio::sync::broadcast::Receiver<bytes::Bytes> {
+        dispatch!(self, backend => backend.control_messages())
     }
 }
 

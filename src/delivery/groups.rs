@@ -14,20 +14,20 @@
 //! with credit, dead-letters entries over `max_deliveries`, and frees credit held by messages that
 //! have since been claimed elsewhere.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use smallvec::SmallVec;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
-use super::watcher::Watcher;
+use super::instances::{self, Control};
+use super::watcher::{TailWatch, Watcher};
 use crate::backend::{
     AnyBackend, Backend, BackendError, Delivery, GroupBatch, GroupCursor, GroupRead, GroupStart,
-    PendingQuery, backoff_delay,
+    Lease, PendingQuery, backoff_delay,
 };
 use crate::metrics::Metrics;
 use crate::model::{ConsumerName, Entry, EntryId, GroupName, StreamName, now_ms};
@@ -93,44 +93,58 @@ pub struct GroupMessage {
 /// Why a consumer could not connect.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
-    #[error("consumer `{0}` is already connected to this group on this instance")]
+    /// Another connection, on this instance or another, holds the consumer's lease.
+    #[error("consumer `{0}` is already connected to this group")]
     Duplicate(ConsumerName),
     #[error(transparent)]
     Backend(#[from] BackendError),
 }
 
-/// The status of a group's consumers on this instance.
+/// The status of a group's consumers on every instance.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct GroupStatus {
-    pub consumers: usize,
+    pub consumers: u64,
     /// Messages delivered to the current consumers since each connected.
     pub messages: u64,
     /// Of those, how many were finished.
     pub finished: u64,
 }
 
-type GroupKey = (StreamName, GroupName);
+/// What finishing a message by its id alone did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FinishedById {
+    /// It was pending in this group (for this consumer), and is finished.
+    Finished(StreamName, GroupName, ConsumerName),
+    /// It is pending in no group with consumers (or recent ones) that the caller may see.
+    NotPending,
+    /// It is pending in several groups: nothing was finished.
+    Ambiguous(Vec<(StreamName, GroupName, ConsumerName)>),
+}
+
+pub(super) type GroupKey = (StreamName, GroupName);
 
 /// A map by entry id: every delivered and every finished message goes through one or two of these,
 /// so with a fast (yet randomly seeded) hash rather than SipHash.
 type IdMap<V> = HashMap<EntryId, V, foldhash::fast::RandomState>;
 
 /// One connected consumer.
-struct LocalConsumer {
-    name: ConsumerName,
+pub(super) struct LocalConsumer {
+    pub(super) name: ConsumerName,
+    /// Its lease on the name, across instances.
+    pub(super) lease: Lease,
     mode: Mode,
-    limit: AtomicU32,
+    pub(super) limit: AtomicU32,
     /// Messages delivered and not yet finished (at-least-once only), with when they were sent.
     in_flight: Mutex<IdMap<Instant>>,
-    delivered: AtomicU64,
-    finished: AtomicU64,
+    pub(super) delivered: AtomicU64,
+    pub(super) finished: AtomicU64,
     sender: mpsc::Sender<GroupMessage>,
     /// While set, the consumer's own pending entries after this id are delivered first (a
     /// reconnecting consumer gets back what it had not finished).
     replay_from: Mutex<Option<EntryId>>,
 }
 
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+pub(super) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     // No lock here is held across an await or while calling out; a poisoned one is still sound.
     mutex.lock().unwrap_or_else(|poison| poison.into_inner())
 }
@@ -159,8 +173,8 @@ enum Work {
 }
 
 #[derive(Default)]
-struct DispatchState {
-    consumers: Vec<Arc<LocalConsumer>>,
+pub(super) struct DispatchState {
+    pub(super) consumers: Vec<Arc<LocalConsumer>>,
     /// Round-robin position.
     next: usize,
     /// The last read of new entries came back short: wait for the stream to grow.
@@ -168,18 +182,19 @@ struct DispatchState {
 }
 
 /// The dispatcher of one (stream, group) on this instance.
-struct Dispatch {
-    /// Shared with the delivery records.
-    key: Arc<GroupKey>,
+pub(super) struct Dispatch {
+    pub(super) key: GroupKey,
     state: Mutex<DispatchState>,
-    wake: Notify,
-    claim_requested: AtomicBool,
+    pub(super) wake: Notify,
+    pub(super) claim_requested: AtomicBool,
+    /// The group limit last seen in the backend: a change there applies to every consumer here.
+    pub(super) stored_limit: Mutex<Option<u32>>,
     /// Cancelled when the dispatcher ends (no consumers left, the group is gone, shutdown).
     stop: CancellationToken,
 }
 
 impl Dispatch {
-    fn state(&self) -> MutexGuard<'_, DispatchState> {
+    pub(super) fn state(&self) -> MutexGuard<'_, DispatchState> {
         lock(&self.state)
     }
 
@@ -231,25 +246,24 @@ impl Dispatch {
     }
 }
 
-/// A record of a delivery, so seed 000's `POST /api/messages/{id}/finish` can find its group.
-struct Delivered {
-    key: Arc<GroupKey>,
-    consumer: ConsumerName,
-    /// Set when the consumer disconnected; the record is dropped a visibility timeout later.
-    orphaned_at: Option<Instant>,
-}
-
-struct Shared {
-    backend: AnyBackend,
+pub(super) struct Shared {
+    pub(super) backend: AnyBackend,
     watcher: Watcher,
-    settings: GroupSettings,
+    pub(super) settings: GroupSettings,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
-    dispatches: Mutex<HashMap<GroupKey, Arc<Dispatch>>>,
-    /// Limits set through the limit route, for consumers that connect later.
-    default_limits: Mutex<HashMap<GroupKey, u32>>,
-    /// Usually one record per id, kept inline.
-    delivered: Mutex<IdMap<SmallVec<[Delivered; 1]>>>,
+    /// This instance, as leases and reports name it (random: unique across restarts).
+    pub(super) instance: String,
+    /// Numbers this instance's connections (a lease's token is `<instance>:<number>`).
+    connections: AtomicU64,
+    pub(super) dispatches: Mutex<HashMap<GroupKey, Arc<Dispatch>>>,
+    /// Consumer names in use here (connected, or connecting): one connection each.
+    names: Mutex<HashSet<(GroupKey, ConsumerName)>>,
+    /// Groups whose last consumer here left recently, and when: their messages may still be
+    /// finished by id, so this instance keeps reporting them for a visibility timeout.
+    pub(super) recent: Mutex<HashMap<GroupKey, Instant>>,
+    /// Wakes the keeper (a consumer came or went: report it now).
+    pub(super) keeper: Notify,
 }
 
 /// Consumer groups on this instance. Cheap to clone.
@@ -290,6 +304,27 @@ impl Drop for Registration {
     }
 }
 
+/// A consumer name taken here while a connection is being set up: given back if it fails.
+struct NameReservation<'a> {
+    shared: &'a Shared,
+    name: Option<(GroupKey, ConsumerName)>,
+}
+
+impl NameReservation<'_> {
+    /// The connection is registered: its registration gives the name back.
+    fn keep(mut self) {
+        self.name = None;
+    }
+}
+
+impl Drop for NameReservation<'_> {
+    fn drop(&mut self) {
+        if let Some(name) = self.name.take() {
+            lock(&self.shared.names).remove(&name);
+        }
+    }
+}
+
 /// A consumer name no other connection has had: random, so unique across instances and
 /// restarts.
 fn generated_name() -> ConsumerName {
@@ -311,16 +346,20 @@ impl Groups {
             settings,
             metrics,
             shutdown: shutdown.clone(),
+            instance: hex::encode(rand::random::<[u8; 8]>()),
+            connections: AtomicU64::new(0),
             dispatches: Mutex::new(HashMap::new()),
-            default_limits: Mutex::new(HashMap::new()),
-            delivered: Mutex::new(IdMap::default()),
+            names: Mutex::new(HashSet::new()),
+            recent: Mutex::new(HashMap::new()),
+            keeper: Notify::new(),
         });
-        tokio::spawn(prune_delivered(Arc::downgrade(&shared), shutdown));
+        instances::start(&shared, shutdown);
         Groups { shared }
     }
 
-    /// Connects a consumer: creates the group if needed and registers the consumer here. Fails
-    /// if a consumer of that name is already connected to the group on this instance.
+    /// Connects a consumer: creates the group if needed, takes the consumer's lease (across
+    /// instances) and registers it here. The stream is watched before this returns, so a
+    /// message published anywhere once the caller has confirmed the connection is not missed.
     pub async fn connect(&self, spec: ConsumerSpec) -> Result<Subscription, ConnectError> {
         let shared = &self.shared;
         shared
@@ -328,19 +367,45 @@ impl Groups {
             .create_group(&spec.stream, &spec.group, spec.start)
             .await?;
         let key = (spec.stream.clone(), spec.group.clone());
-        let limit = spec
-            .limit
-            .or_else(|| lock(&shared.default_limits).get(&key).copied())
-            .unwrap_or(shared.settings.default_limit)
-            .clamp(1, MAX_LIMIT);
         // A named consumer may have pending entries from an earlier connection: deliver those
         // first. A generated name is new, so it has none.
         let replay_from =
             (spec.mode == Mode::AtLeastOnce && spec.consumer.is_some()).then_some(EntryId::MIN);
         let name = spec.consumer.unwrap_or_else(generated_name);
+        let reservation = shared.reserve(&key, &name)?;
+        let lease = Lease {
+            stream: spec.stream.clone(),
+            group: spec.group.clone(),
+            consumer: name.clone(),
+            token: format!(
+                "{}:{}",
+                shared.instance,
+                shared.connections.fetch_add(1, Ordering::Relaxed)
+            ),
+        };
+        if !shared
+            .backend
+            .acquire_lease(&lease, instances::LEASE_TTL)
+            .await?
+        {
+            return Err(ConnectError::Duplicate(name));
+        }
+        let stored_limit = match shared.backend.group_limits(std::slice::from_ref(&key)).await {
+            Ok(limits) => limits.into_iter().next().flatten(),
+            Err(error) => {
+                tracing::warn!(%error, "reading the group's limit failed; using the default");
+                None
+            }
+        };
+        let limit = spec
+            .limit
+            .or(stored_limit)
+            .unwrap_or(shared.settings.default_limit)
+            .clamp(1, MAX_LIMIT);
         let (sender, receiver) = mpsc::channel(MAX_LIMIT as usize);
         let consumer = Arc::new(LocalConsumer {
             name: name.clone(),
+            lease,
             mode: spec.mode,
             limit: AtomicU32::new(limit),
             in_flight: Mutex::new(IdMap::default()),
@@ -355,25 +420,26 @@ impl Groups {
                 .entry(key.clone())
                 .or_insert_with(|| {
                     let dispatch = Arc::new(Dispatch {
-                        key: Arc::new(key.clone()),
+                        key: key.clone(),
                         state: Mutex::new(DispatchState::default()),
                         wake: Notify::new(),
                         claim_requested: AtomicBool::new(false),
+                        stored_limit: Mutex::new(stored_limit),
                         stop: shared.shutdown.child_token(),
                     });
-                    tokio::spawn(run(Arc::downgrade(shared), dispatch.clone()));
+                    // Watched now, not when the dispatcher task first runs: the watcher learns
+                    // of the stream before the connection is confirmed.
+                    let tail = shared.watcher.watch(&key.0);
+                    tokio::spawn(run(Arc::downgrade(shared), dispatch.clone(), tail));
                     dispatch
                 })
                 .clone();
-            {
-                let mut state = dispatch.state();
-                if state.consumers.iter().any(|existing| existing.name == name) {
-                    return Err(ConnectError::Duplicate(name));
-                }
-                state.consumers.push(consumer);
-            }
+            dispatch.state().consumers.push(consumer);
             dispatch
         };
+        reservation.keep();
+        lock(&shared.recent).remove(&key);
+        shared.keeper.notify_one();
         dispatch.wake.notify_one();
         Ok(Subscription {
             stream: spec.stream,
@@ -386,6 +452,25 @@ impl Groups {
                 consumer: name,
             },
         })
+    }
+
+    /// The consumer a pending message is held by, if it is pending in the group.
+    pub async fn owner_of(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+        id: EntryId,
+    ) -> Result<Option<ConsumerName>, BackendError> {
+        let query = PendingQuery {
+            start: id,
+            end: id,
+            ..PendingQuery::all(1)
+        };
+        match self.shared.backend.pending(stream, group, query).await {
+            Ok(pending) => Ok(pending.into_iter().next().map(|entry| entry.consumer)),
+            Err(BackendError::GroupNotFound | BackendError::StreamNotFound) => Ok(None),
+            Err(error) => Err(error),
+        }
     }
 
     /// Acknowledges messages (from any instance) and frees the credit of those that were in
@@ -402,25 +487,61 @@ impl Groups {
             .backend
             .ack(stream, group, ids, shared.settings.delete_on_finish)
             .await?;
-        shared.release(&(stream.clone(), group.clone()), consumer, ids, true);
+        let key = (stream.clone(), group.clone());
+        shared.release(&key, consumer, ids, true);
+        let here = consumer.is_some_and(|name| lock(&shared.names).contains(&(key, name.clone())));
+        if acked > 0 && !here {
+            // The consumer is elsewhere (or unknown): its instance frees the credit.
+            instances::announce(
+                shared,
+                Control::Finished {
+                    stream: stream.clone(),
+                    group: group.clone(),
+                    consumer: consumer.cloned(),
+                    ids: ids.to_vec(),
+                },
+            )
+            .await;
+        }
         Ok(acked)
     }
 
-    /// Where this instance delivered `id` (for seed 000's finish by id alone): the stream, group
-    /// and consumer of each delivery it still remembers.
-    pub fn delivery_targets(&self, id: EntryId) -> Vec<(StreamName, GroupName, ConsumerName)> {
-        lock(&self.shared.delivered)
-            .get(&id)
+    /// Seed 000's finish by id alone: finds the group the message is pending in, among the groups
+    /// with consumers (or recent ones) on any instance that `visible` allows, and finishes it
+    /// there. Several such groups: nothing is finished.
+    pub async fn finish_by_id(
+        &self,
+        id: EntryId,
+        visible: impl Fn(&StreamName) -> bool,
+    ) -> Result<FinishedById, BackendError> {
+        let candidates: Vec<GroupKey> = instances::served_groups(&self.shared)
+            .await?
             .into_iter()
-            .flatten()
-            .map(|record| {
-                (
-                    record.key.0.clone(),
-                    record.key.1.clone(),
-                    record.consumer.clone(),
-                )
-            })
-            .collect()
+            .filter(|(stream, _)| visible(stream))
+            .collect();
+        let owners = futures_util::future::join_all(
+            candidates
+                .iter()
+                .map(|(stream, group)| self.owner_of(stream, group, id)),
+        )
+        .await;
+        let mut holders = Vec::new();
+        for ((stream, group), owner) in candidates.into_iter().zip(owners) {
+            if let Some(consumer) = owner? {
+                holders.push((stream, group, consumer));
+            }
+        }
+        match holders.len() {
+            0 => Ok(FinishedById::NotPending),
+            1 => {
+                let (stream, group, consumer) = holders.remove(0);
+                match self.finish(&stream, &group, Some(&consumer), &[id]).await? {
+                    0 => Ok(FinishedById::NotPending),
+                    _ => Ok(FinishedById::Finished(stream, group, consumer)),
+                }
+            }
+            _ => Ok(FinishedById::Ambiguous(holders)),
+        }
     }
 
     /// Makes an in-flight message claimable at once (it is redelivered by the next claim).
@@ -439,11 +560,17 @@ impl Groups {
             .await?;
         if pending {
             let key = (stream.clone(), group.clone());
-            shared.release(&key, None, &[id], false);
-            if let Some(dispatch) = lock(&shared.dispatches).get(&key) {
-                dispatch.claim_requested.store(true, Ordering::Relaxed);
-                dispatch.wake.notify_one();
-            }
+            shared.nacked(&key, &[id]);
+            // Whichever instance holds it frees the credit, and every one claims it again.
+            instances::announce(
+                shared,
+                Control::Nacked {
+                    stream: stream.clone(),
+                    group: group.clone(),
+                    ids: vec![id],
+                },
+            )
+            .await;
         }
         Ok(pending)
     }
@@ -470,57 +597,89 @@ impl Groups {
         Ok(pending)
     }
 
-    /// Sets the limit of every consumer of the group here, and the default for later ones.
-    /// Returns how many consumers were changed.
-    pub fn set_limit(&self, stream: &StreamName, group: &GroupName, limit: u32) -> usize {
+    /// Sets the limit of every consumer of the group, on every instance, and the default for
+    /// later ones. Returns how many consumers it applies to now.
+    pub async fn set_limit(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+        limit: u32,
+    ) -> Result<u64, BackendError> {
         let shared = &self.shared;
-        let key = (stream.clone(), group.clone());
         let limit = limit.clamp(1, MAX_LIMIT);
-        {
-            let mut limits = lock(&shared.default_limits);
-            // Bounded: clients cannot grow this map without end.
-            if limits.len() >= 10_000 && !limits.contains_key(&key) {
-                limits.clear();
-            }
-            limits.insert(key.clone(), limit);
-        }
-        let Some(dispatch) = shared.dispatch(&key) else {
-            return 0;
-        };
-        let n = {
-            let state = dispatch.state();
-            for consumer in &state.consumers {
-                consumer.limit.store(limit, Ordering::Relaxed);
-            }
-            state.consumers.len()
-        };
-        dispatch.wake.notify_one();
-        n
+        shared.backend.set_group_limit(stream, group, limit).await?;
+        let key = (stream.clone(), group.clone());
+        shared.apply_limit(&key, limit);
+        instances::announce(
+            shared,
+            Control::Limit {
+                stream: stream.clone(),
+                group: group.clone(),
+                limit,
+            },
+        )
+        .await;
+        Ok(self
+            .status(stream, group)
+            .await?
+            .map_or(0, |status| status.consumers))
     }
 
-    /// This instance's consumers of the group; `None` when there are none.
-    pub fn status(&self, stream: &StreamName, group: &GroupName) -> Option<GroupStatus> {
-        let dispatch = self.shared.dispatch(&(stream.clone(), group.clone()))?;
-        let state = dispatch.state();
-        (!state.consumers.is_empty()).then(|| GroupStatus {
-            consumers: state.consumers.len(),
-            messages: state
-                .consumers
-                .iter()
-                .map(|c| c.delivered.load(Ordering::Relaxed))
-                .sum(),
-            finished: state
-                .consumers
-                .iter()
-                .map(|c| c.finished.load(Ordering::Relaxed))
-                .sum(),
-        })
+    /// The group's consumers on every instance (this one counted as it is now, the others as
+    /// they last reported); `None` when there are none.
+    pub async fn status(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+    ) -> Result<Option<GroupStatus>, BackendError> {
+        let shared = &self.shared;
+        let key = (stream.clone(), group.clone());
+        let mut status = GroupStatus {
+            consumers: 0,
+            messages: 0,
+            finished: 0,
+        };
+        if let Some(dispatch) = shared.dispatch(&key) {
+            for consumer in &dispatch.state().consumers {
+                status.consumers += 1;
+                status.messages += consumer.delivered.load(Ordering::Relaxed);
+                status.finished += consumer.finished.load(Ordering::Relaxed);
+            }
+        }
+        for report in shared.backend.group_reports().await? {
+            if report.instance != shared.instance
+                && report.stream == *stream
+                && report.group == *group
+            {
+                status.consumers += report.consumers;
+                status.messages += report.delivered;
+                status.finished += report.finished;
+            }
+        }
+        Ok((status.consumers > 0).then_some(status))
     }
 }
 
 impl Shared {
-    fn dispatch(&self, key: &GroupKey) -> Option<Arc<Dispatch>> {
+    pub(super) fn dispatch(&self, key: &GroupKey) -> Option<Arc<Dispatch>> {
         lock(&self.dispatches).get(key).cloned()
+    }
+
+    /// Takes a consumer name here for a connection being set up; refused when a connection here
+    /// has it already (another instance's is found by the lease).
+    fn reserve(
+        &self,
+        key: &GroupKey,
+        name: &ConsumerName,
+    ) -> Result<NameReservation<'_>, ConnectError> {
+        let entry = (key.clone(), name.clone());
+        if !lock(&self.names).insert(entry.clone()) {
+            return Err(ConnectError::Duplicate(name.clone()));
+        }
+        Ok(NameReservation {
+            shared: self,
+            name: Some(entry),
+        })
     }
 
     fn unregister(&self, dispatch: &Arc<Dispatch>, name: &ConsumerName) {
@@ -533,50 +692,60 @@ impl Shared {
                 .position(|consumer| consumer.name == *name);
             let removed = position.map(|position| state.consumers.remove(position));
             let current = dispatches
-                .get(&*dispatch.key)
+                .get(&dispatch.key)
                 .is_some_and(|live| Arc::ptr_eq(live, dispatch));
             if state.consumers.is_empty() && current {
-                dispatches.remove(&*dispatch.key);
+                dispatches.remove(&dispatch.key);
                 dispatch.stop.cancel();
+                // Its messages may still be finished by id here for a while.
+                lock(&self.recent).insert(dispatch.key.clone(), Instant::now());
             }
             removed
         };
+        lock(&self.names).remove(&(dispatch.key.clone(), name.clone()));
+        self.keeper.notify_one();
         // What it had in flight stays pending in the group (redelivered after the visibility
-        // timeout); seed 000's finish keeps working for it until then.
-        if let Some(consumer) = removed {
-            let now = Instant::now();
-            let in_flight: Vec<EntryId> = lock(&consumer.in_flight).keys().copied().collect();
-            let mut delivered = lock(&self.delivered);
-            for id in &in_flight {
-                for record in delivered.get_mut(id).into_iter().flatten() {
-                    if record.key == dispatch.key && record.consumer == consumer.name {
-                        record.orphaned_at = Some(now);
-                    }
+        // timeout). The name is free here at once; its lease, as soon as the backend answers
+        // (a new connection of this instance may take it over meanwhile).
+        if let (Some(consumer), Ok(runtime)) = (removed, tokio::runtime::Handle::try_current()) {
+            let backend = self.backend.clone();
+            runtime.spawn(async move {
+                if let Err(error) = backend.release_lease(&consumer.lease).await {
+                    tracing::debug!(%error, consumer = %consumer.name, "releasing a lease failed; it lapses");
                 }
-            }
+            });
         }
     }
 
-    /// Frees the credit of `ids` held here (by `consumer`, or by anyone when `None`) and forgets
-    /// their delivery records.
-    fn release(
+    /// Applies a limit to every consumer of the group here.
+    pub(super) fn apply_limit(&self, key: &GroupKey, limit: u32) {
+        let Some(dispatch) = self.dispatch(key) else {
+            return;
+        };
+        *lock(&dispatch.stored_limit) = Some(limit);
+        for consumer in &dispatch.state().consumers {
+            consumer.limit.store(limit, Ordering::Relaxed);
+        }
+        dispatch.wake.notify_one();
+    }
+
+    /// Frees the credit of nacked messages held here and claims them again soon.
+    pub(super) fn nacked(&self, key: &GroupKey, ids: &[EntryId]) {
+        self.release(key, None, ids, false);
+        if let Some(dispatch) = self.dispatch(key) {
+            dispatch.claim_requested.store(true, Ordering::Relaxed);
+            dispatch.wake.notify_one();
+        }
+    }
+
+    /// Frees the credit of `ids` held here (by `consumer`, or by anyone when `None`).
+    pub(super) fn release(
         &self,
         key: &GroupKey,
         consumer: Option<&ConsumerName>,
         ids: &[EntryId],
         finished: bool,
     ) {
-        {
-            let mut delivered = lock(&self.delivered);
-            for id in ids {
-                if let Some(records) = delivered.get_mut(id) {
-                    records.retain(|record| *record.key != *key);
-                    if records.is_empty() {
-                        delivered.remove(id);
-                    }
-                }
-            }
-        }
         let Some(dispatch) = self.dispatch(key) else {
             return;
         };
@@ -600,20 +769,6 @@ impl Shared {
         }
     }
 
-    /// Records the deliveries of `ids` to `consumer` (one lock for a read's worth).
-    fn record_deliveries(&self, key: &Arc<GroupKey>, consumer: &ConsumerName, ids: &[EntryId]) {
-        let mut delivered = lock(&self.delivered);
-        for id in ids {
-            let records = delivered.entry(*id).or_default();
-            records.retain(|record| record.key != *key);
-            records.push(Delivered {
-                key: key.clone(),
-                consumer: consumer.clone(),
-                orphaned_at: None,
-            });
-        }
-    }
-
     /// Hands read entries to `consumer`, except those over `max_deliveries` (dead-lettered) and
     /// those whose `ttl` has passed (acknowledged unseen).
     async fn deliver(
@@ -622,7 +777,7 @@ impl Shared {
         consumer: &LocalConsumer,
         deliveries: Vec<Delivery>,
     ) -> Result<(), BackendError> {
-        let (stream, group) = &*dispatch.key;
+        let (stream, group) = &dispatch.key;
         let now = now_ms();
         let at_least_once = consumer.mode == Mode::AtLeastOnce;
         let max_deliveries = u64::from(self.settings.max_deliveries);
@@ -642,7 +797,6 @@ impl Shared {
             let ids: Vec<EntryId> = ready.iter().map(|delivery| delivery.entry.id).collect();
             let sent_at = Instant::now();
             lock(&consumer.in_flight).extend(ids.iter().map(|id| (*id, sent_at)));
-            self.record_deliveries(&dispatch.key, &consumer.name, &ids);
         }
         for delivery in ready {
             let id = delivery.entry.id;
@@ -673,7 +827,7 @@ impl Shared {
         dispatch: &Dispatch,
         delivery: &Delivery,
     ) -> Result<(), BackendError> {
-        let (stream, group) = &*dispatch.key;
+        let (stream, group) = &dispatch.key;
         let id = delivery.entry.id;
         let mut fields = delivery.entry.fields.clone();
         let extra: [(&str, String); 4] = [
@@ -734,7 +888,7 @@ impl Shared {
         consumer: &LocalConsumer,
         work: &Work,
     ) -> Result<GroupBatch, BackendError> {
-        let (stream, group) = &*dispatch.key;
+        let (stream, group) = &dispatch.key;
         let read = match *work {
             Work::Replay(after, count) => GroupRead {
                 cursor: GroupCursor::PendingAfter(after),
@@ -760,7 +914,7 @@ impl Shared {
         work: Work,
         batch: GroupBatch,
     ) -> Result<(), BackendError> {
-        let (stream, group) = &*dispatch.key;
+        let (stream, group) = &dispatch.key;
         let returned = batch.deliveries.len() + batch.deleted.len();
         match work {
             Work::Replay(_, count) => {
@@ -787,7 +941,7 @@ impl Shared {
 
     /// Claims entries idle for the visibility timeout, walking the whole pending list.
     async fn claim(&self, dispatch: &Dispatch) -> Result<(), BackendError> {
-        let (stream, group) = &*dispatch.key;
+        let (stream, group) = &dispatch.key;
         let mut cursor = EntryId::MIN;
         while let Some(consumer) = dispatch.claimer() {
             let count = consumer.credit().min(CLAIM_STEP);
@@ -820,7 +974,7 @@ impl Shared {
     /// Frees credit held by messages sent longer than a visibility timeout ago that the consumer
     /// no longer owns (claimed by another instance, dead-lettered, acknowledged elsewhere).
     async fn reconcile(&self, dispatch: &Dispatch) -> Result<(), BackendError> {
-        let (stream, group) = &*dispatch.key;
+        let (stream, group) = &dispatch.key;
         let consumers = dispatch.state().consumers.clone();
         for consumer in consumers {
             let stale: Vec<EntryId> = lock(&consumer.in_flight)
@@ -856,7 +1010,7 @@ impl Shared {
     /// Removes consumers of the group that own nothing and have been idle for `cleanup_after`
     /// (every connection with a generated name leaves one behind).
     async fn clean_up(&self, dispatch: &Dispatch) -> Result<(), BackendError> {
-        let (stream, group) = &*dispatch.key;
+        let (stream, group) = &dispatch.key;
         let local: Vec<ConsumerName> = dispatch
             .state()
             .consumers
@@ -885,10 +1039,10 @@ impl Shared {
     fn close(&self, dispatch: &Arc<Dispatch>) {
         let mut dispatches = lock(&self.dispatches);
         if dispatches
-            .get(&*dispatch.key)
+            .get(&dispatch.key)
             .is_some_and(|live| Arc::ptr_eq(live, dispatch))
         {
-            dispatches.remove(&*dispatch.key);
+            dispatches.remove(&dispatch.key);
         }
         // Dropping the consumers drops their senders, which ends their subscriptions.
         dispatch.state().consumers.clear();
@@ -898,11 +1052,10 @@ impl Shared {
 
 /// The dispatcher of one group: serves, then waits for the stream to grow, credit to free up,
 /// or its claim timer.
-async fn run(shared: Weak<Shared>, dispatch: Arc<Dispatch>) {
+async fn run(shared: Weak<Shared>, dispatch: Arc<Dispatch>, mut tail: TailWatch) {
     let Some(strong) = shared.upgrade() else {
         return;
     };
-    let mut tail = strong.watcher.watch(&dispatch.key.0);
     let settings = strong.settings.clone();
     drop(strong);
     let mut claim_timer = tokio::time::interval(settings.claim_interval());
@@ -964,24 +1117,5 @@ async fn run(shared: Weak<Shared>, dispatch: Arc<Dispatch>) {
                 dispatch.state().drained = false;
             }
         }
-    }
-}
-
-/// Drops delivery records of disconnected consumers once their messages are claimable by others.
-async fn prune_delivered(shared: Weak<Shared>, shutdown: CancellationToken) {
-    let mut timer = tokio::time::interval(Duration::from_secs(5));
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            _ = timer.tick() => {}
-        }
-        let Some(shared) = shared.upgrade() else {
-            return;
-        };
-        let horizon = shared.settings.visibility_timeout;
-        lock(&shared.delivered).retain(|_, records| {
-            records.retain(|record| record.orphaned_at.is_none_or(|at| at.elapsed() < horizon));
-            !records.is_empty()
-        });
     }
 }

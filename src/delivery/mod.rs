@@ -8,6 +8,7 @@
 pub mod cursor;
 pub mod groups;
 pub mod hub;
+mod instances;
 pub mod watcher;
 
 use std::sync::Arc;

@@ -130,6 +130,11 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
 }
 
 impl Caller {
+    /// Whether the caller has `scope` on `stream`.
+    pub fn may(&self, scope: Scope, stream: &StreamName) -> bool {
+        self.0.may(scope, stream)
+    }
+
     /// 403 unless the caller has `scope` on `stream`.
     pub fn require(&self, scope: Scope, stream: &StreamName) -> Result<(), ApiError> {
         if self.0.may(scope, stream) {

@@ -16,7 +16,7 @@ use super::openapi::{
     Conflicting, ConsumerParams, EntryIdParam, GroupParams, Guarded, Invalid, Missing, TooLarge,
 };
 use crate::auth::Scope;
-use crate::delivery::groups::MAX_LIMIT;
+use crate::delivery::groups::{FinishedById, MAX_LIMIT};
 use crate::model::{ConsumerName, EntryId, GroupName, StreamName};
 
 pub fn router() -> OpenApiRouter<AppState> {
@@ -93,15 +93,16 @@ fn target(
 struct Status {
     stream: StreamName,
     group: GroupName,
-    /// Consumers of the group connected to this instance.
-    consumers: usize,
+    /// Consumers of the group connected to any instance.
+    consumers: u64,
     /// Messages delivered to them since each connected.
     messages: u64,
     /// Of those, how many were finished.
     finished: u64,
 }
 
-/// The group's consumers on this instance (seed 000).
+/// The group's consumers on every instance (seed 000); other instances' counts are at most a few
+/// seconds old.
 #[utoipa::path(
     get,
     path = "/api/consumers/{stream}/{group}",
@@ -118,10 +119,8 @@ async fn status(
     ApiPath(path): ApiPath<GroupPath>,
 ) -> Result<Json<Status>, ApiError> {
     let (stream, group) = target(&caller, path.stream, path.group)?;
-    let status = state.groups.status(&stream, &group).ok_or_else(|| {
-        ApiError::NotFound(format!(
-            "no consumer of {stream}/{group} is connected to this instance"
-        ))
+    let status = state.groups.status(&stream, &group).await?.ok_or_else(|| {
+        ApiError::NotFound(format!("no consumer of {stream}/{group} is connected"))
     })?;
     Ok(Json(Status {
         stream,
@@ -145,11 +144,12 @@ struct LimitBody {
 struct LimitSet {
     #[schema(example = "ok")]
     status: &'static str,
-    /// Connected consumers it was applied to (later ones get it too).
-    consumers: usize,
+    /// Connected consumers it applies to, on every instance (later ones get it too).
+    consumers: u64,
 }
 
-/// Sets how many messages each consumer of the group may hold unfinished (seed 000).
+/// Sets how many messages each consumer of the group may hold unfinished (seed 000), on every
+/// instance within a second, and the default for consumers that connect later.
 #[utoipa::path(
     post,
     path = "/api/consumers/{stream}/{group}/limit",
@@ -170,7 +170,7 @@ async fn set_limit(
         .ok()
         .filter(|limit| (1..=MAX_LIMIT).contains(limit))
         .ok_or_else(|| ApiError::BadRequest(format!("count must be between 1 and {MAX_LIMIT}")))?;
-    let consumers = state.groups.set_limit(&stream, &group, limit);
+    let consumers = state.groups.set_limit(&stream, &group, limit).await?;
     Ok(Json(LimitSet {
         status: "ok",
         consumers,
@@ -190,8 +190,10 @@ const FINISHED: Done = Done {
     action: "finished",
 };
 
-/// Seed 000's finish: the id alone, resolved through this instance's record of deliveries
-/// (use the explicit route from another instance).
+/// Seed 000's finish: the id alone, on any instance. The message is looked up in the pending
+/// lists of the groups that have consumers (or had some within a visibility timeout) on any
+/// instance; pending in several of them, nothing is finished and the answer (409) names the
+/// explicit routes.
 #[utoipa::path(
     post,
     path = "/api/messages/{id}/finish",
@@ -199,7 +201,7 @@ const FINISHED: Done = Done {
     params(EntryIdParam),
     responses(
         (status = 200, description = "Finished", body = Done),
-        Missing, Guarded,
+        Missing, Conflicting, Guarded,
     ),
 )]
 async fn finish_delivered(
@@ -208,26 +210,38 @@ async fn finish_delivered(
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Done>, ApiError> {
     let id = message_id(&id)?;
-    let targets = state.groups.delivery_targets(id);
-    if targets.is_empty() {
-        return Err(ApiError::NotFound(format!(
-            "message {id} was not delivered by this instance"
-        )));
+    let visible = |stream: &StreamName| caller.may(Scope::Consume, stream);
+    match state.groups.finish_by_id(id, visible).await? {
+        FinishedById::Finished(..) => Ok(Json(FINISHED)),
+        FinishedById::NotPending => Err(ApiError::NotFound(format!(
+            "message {id} is not pending in any group with consumers"
+        ))),
+        FinishedById::Ambiguous(holders) => {
+            let routes: Vec<String> = holders
+                .iter()
+                .map(|(stream, group, consumer)| {
+                    format!(
+                        "POST /api/streams/{}/groups/{}/consumers/{}/messages/{id}/finish",
+                        encode_path(stream.as_str()),
+                        encode_path(group.as_str()),
+                        encode_path(consumer.as_str())
+                    )
+                })
+                .collect();
+            Err(ApiError::Conflict(format!(
+                "message {id} is pending in {} groups, so its id alone does not say which to finish; nothing was finished. Finish it in each with: {}",
+                holders.len(),
+                routes.join(", ")
+            )))
+        }
     }
-    for (stream, _, _) in &targets {
-        caller.require(Scope::Consume, stream)?;
-    }
-    let mut acked = 0;
-    for (stream, group, consumer) in targets {
-        acked += state
-            .groups
-            .finish(&stream, &group, Some(&consumer), &[id])
-            .await?;
-    }
-    if acked == 0 {
-        return Err(not_pending(id));
-    }
-    Ok(Json(FINISHED))
+}
+
+/// A name as one segment of a path.
+fn encode_path(name: &str) -> String {
+    url::form_urlencoded::byte_serialize(name.as_bytes())
+        .collect::<String>()
+        .replace('+', "%20")
 }
 
 /// Finishes (acknowledges) one message; works from any instance.

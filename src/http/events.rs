@@ -48,7 +48,7 @@ pub fn router() -> OpenApiRouter<AppState> {
         ("mode" = Option<String>, Query, pattern = "^(at-least-once|at-most-once)$", description = "`at-least-once` (default: finish each message) or `at-most-once` (nothing pending)"),
         ("from" = Option<StartSchema>, Query, description = "Where a new group starts: `0` (default), `$` or an id; for broadcast, where to start (`0`, `$` = default, or an id)"),
         ("lastEventId" = Option<String>, Query, description = "Broadcast: resume after this id or cursor (the `Last-Event-ID` header wins)"),
-        ("Last-Event-ID" = Option<String>, Header, description = "Broadcast: resume after this id or cursor"),
+        ("Last-Event-ID" = Option<String>, Header, description = "Broadcast: resume after this id or cursor. Group without `consumer`: come back as the consumer this message was delivered to, when it is not connected (its unfinished messages first)"),
     ),
     responses(
         (
@@ -103,25 +103,41 @@ async fn events(
         .parsed("from", parse_start)?
         .unwrap_or(GroupStart::After(EntryId::MIN));
     let spec_mode = mode.unwrap_or(Mode::AtLeastOnce);
+    // A browser's EventSource reconnects to the same URL with the last id it received: it comes
+    // back as the consumer that message was delivered to, if that one is free, so the messages it
+    // held come back at once instead of after the visibility timeout.
+    let resumed = match (&consumer, last_event_id(&headers)?) {
+        (None, Some(id)) if spec_mode == Mode::AtLeastOnce => {
+            state.groups.owner_of(&stream, &group, id).await?
+        }
+        _ => None,
+    };
     let spec = ConsumerSpec {
         stream,
         group,
-        consumer,
+        consumer: consumer.or(resumed.clone()),
         limit,
         start,
         mode: spec_mode,
     };
     let permit = state.streaming_permit()?;
-    let subscription = state
-        .groups
-        .connect(spec)
-        .await
-        .map_err(|error| match error {
-            ConnectError::Duplicate(name) => ApiError::Conflict(format!(
-                "consumer `{name}` is already connected to this group on this instance"
-            )),
-            ConnectError::Backend(error) => error.into(),
-        })?;
+    let connected = match state.groups.connect(spec.clone()).await {
+        // That consumer is connected elsewhere: this one is a new consumer after all.
+        Err(ConnectError::Duplicate(_)) if resumed.is_some() => {
+            let fresh = ConsumerSpec {
+                consumer: None,
+                ..spec
+            };
+            state.groups.connect(fresh).await
+        }
+        connected => connected,
+    };
+    let subscription = connected.map_err(|error| match error {
+        ConnectError::Duplicate(name) => ApiError::Conflict(format!(
+            "consumer `{name}` is already connected to this group (here or on another instance)"
+        )),
+        ConnectError::Backend(error) => error.into(),
+    })?;
     let consumer_header = HeaderValue::from_str(subscription.consumer.as_str())
         .map_err(|_| ApiError::BadRequest("the consumer name cannot be sent in a header".into()))?;
     let connection = state.connections.open_sse();
@@ -146,6 +162,18 @@ async fn events(
         vec![(HeaderName::from_static("x-consumer"), consumer_header)],
         (permit, connection),
     ))
+}
+
+/// The entry id in `Last-Event-ID`, if the header holds one (other values are a broadcast
+/// cursor's business, not a group's: they are ignored here).
+fn last_event_id(headers: &HeaderMap) -> Result<Option<EntryId>, ApiError> {
+    let Some(value) = headers.get("last-event-id") else {
+        return Ok(None);
+    };
+    let text = value
+        .to_str()
+        .map_err(|_| ApiError::BadRequest("Last-Event-ID is not text".into()))?;
+    Ok(text.trim().parse().ok())
 }
 
 /// What every message of a subscription ends with: `,"stream":…,"group":…,"consumer":…`.

@@ -264,7 +264,7 @@ async fn group_sources(
             .await
             .map_err(|error| match error {
                 ConnectError::Duplicate(name) => ApiError::Conflict(format!(
-                    "client `{name}` is already polling {topic} in this group here"
+                    "client `{name}` is already polling {topic} in this group (here or on another instance)"
                 )),
                 ConnectError::Backend(error) => error.into(),
             })?;

@@ -342,7 +342,7 @@ async fn subscribe(
                         ConnectError::Duplicate(name) => (
                             "conflict",
                             format!(
-                                "client `{name}` is already connected to {topic} in this group here"
+                                "client `{name}` is already connected to {topic} in this group (here or on another instance)"
                             ),
                         ),
                         ConnectError::Backend(error) => from_api(error.into()),

@@ -11,8 +11,8 @@ use tokio_util::sync::CancellationToken;
 use streamgate::backend::redis::{RedisBackend, RedisOptions};
 
 use streamgate::backend::{
-    AppendRequest, Backend, BackendError, Direction, GroupCursor, GroupRead, GroupStart,
-    IdempotencyKey, PendingEntry, PendingQuery, RangeQuery, Retention, Trim,
+    AppendRequest, Backend, BackendError, Direction, GroupCursor, GroupRead, GroupReport,
+    GroupStart, IdempotencyKey, Lease, PendingEntry, PendingQuery, RangeQuery, Retention, Trim,
 };
 use streamgate::model::{ConsumerName, EntryId, GroupName, NewEntry, StreamName, now_ms};
 
@@ -69,6 +69,8 @@ conformance!(
     listing_statistics_deletion_and_flush,
     imports_keep_ids_fields_and_counters,
     restored_pending_entries_keep_owner_count_and_idle_time,
+    a_lease_is_held_by_one_connection_at_a_time,
+    reports_limits_and_control_messages_reach_every_instance,
 );
 
 pub async fn connect(server: &RedisServer) -> RedisBackend {
@@ -1319,6 +1321,175 @@ async fn restored_pending_entries_keep_owner_count_and_idle_time<B: Backend>(bac
         backend.restore_pending(&s, &group("none"), &restored).await,
         Err(BackendError::GroupNotFound)
     ));
+}
+
+fn lease(consumer_name: &str, token: &str) -> Lease {
+    Lease {
+        stream: stream("leased"),
+        group: group("g"),
+        consumer: consumer(consumer_name),
+        token: token.to_owned(),
+    }
+}
+
+async fn a_lease_is_held_by_one_connection_at_a_time<B: Backend>(backend: B) {
+    let ttl = Duration::from_millis(500);
+    assert!(
+        backend
+            .acquire_lease(&lease("c", "a:1"), ttl)
+            .await
+            .unwrap()
+    );
+    assert!(
+        !backend
+            .acquire_lease(&lease("c", "b:1"), ttl)
+            .await
+            .unwrap(),
+        "held by another instance"
+    );
+    assert!(
+        backend
+            .acquire_lease(&lease("d", "b:1"), ttl)
+            .await
+            .unwrap(),
+        "another consumer name is another lease"
+    );
+    // A new connection of the same instance takes over (the instance knows the old one ended).
+    assert!(
+        backend
+            .acquire_lease(&lease("c", "a:2"), ttl)
+            .await
+            .unwrap()
+    );
+    // The ended connection's late release and renewal change nothing.
+    backend.release_lease(&lease("c", "a:1")).await.unwrap();
+    assert_eq!(
+        backend
+            .renew_leases(&[lease("c", "a:1"), lease("c", "a:2")], ttl)
+            .await
+            .unwrap(),
+        [false, true]
+    );
+    assert!(
+        !backend
+            .acquire_lease(&lease("c", "b:1"), ttl)
+            .await
+            .unwrap()
+    );
+
+    // Not renewed, it lapses: another instance may take it, and the first has lost it.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert!(
+        backend
+            .acquire_lease(&lease("c", "b:2"), ttl)
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        backend
+            .renew_leases(&[lease("c", "a:2"), lease("c", "b:2")], ttl)
+            .await
+            .unwrap(),
+        [false, true]
+    );
+    // Released, it is free at once.
+    backend.release_lease(&lease("c", "b:2")).await.unwrap();
+    assert!(
+        backend
+            .acquire_lease(&lease("c", "a:3"), ttl)
+            .await
+            .unwrap()
+    );
+    // Lapsed while nobody took it: its holder takes it back by renewing.
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(
+        backend
+            .renew_leases(&[lease("c", "a:3")], ttl)
+            .await
+            .unwrap(),
+        [true]
+    );
+    assert!(
+        !backend
+            .acquire_lease(&lease("c", "b:3"), ttl)
+            .await
+            .unwrap()
+    );
+}
+
+fn report(instance: &str, consumers: u64) -> GroupReport {
+    GroupReport {
+        stream: stream("reported"),
+        group: group("g"),
+        instance: instance.to_owned(),
+        consumers,
+        delivered: 10 * consumers,
+        finished: 7 * consumers,
+    }
+}
+
+async fn reports_limits_and_control_messages_reach_every_instance<B: Backend>(backend: B) {
+    backend
+        .report_groups(&[report("a", 1)], Duration::from_millis(500))
+        .await
+        .unwrap();
+    backend
+        .report_groups(&[report("b", 2)], Duration::from_secs(60))
+        .await
+        .unwrap();
+    backend
+        .report_groups(&[report("a", 3)], Duration::from_millis(500))
+        .await
+        .unwrap();
+    let mut reports = backend.group_reports().await.unwrap();
+    reports.sort_by(|x, y| x.instance.cmp(&y.instance));
+    assert_eq!(
+        reports,
+        [report("a", 3), report("b", 2)],
+        "a report replaces the instance's last"
+    );
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    assert_eq!(
+        backend.group_reports().await.unwrap(),
+        [report("b", 2)],
+        "an expired one is gone"
+    );
+
+    let groups = [
+        (stream("limited"), group("g")),
+        (stream("limited"), group("h")),
+    ];
+    backend
+        .set_group_limit(&groups[0].0, &groups[0].1, 3)
+        .await
+        .unwrap();
+    backend
+        .set_group_limit(&groups[0].0, &groups[0].1, 5)
+        .await
+        .unwrap();
+    assert_eq!(
+        backend.group_limits(&groups).await.unwrap(),
+        [Some(5), None]
+    );
+
+    // Control messages reach every listener, the sender's own included. Listening may take a
+    // moment to start: send until one arrives.
+    let (mut first, mut second) = (backend.control_messages(), backend.control_messages());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let received = loop {
+        backend
+            .publish_control(Bytes::from_static(b"hello"))
+            .await
+            .unwrap();
+        if let Ok(Ok(message)) =
+            tokio::time::timeout(Duration::from_millis(100), first.recv()).await
+        {
+            break message;
+        }
+        assert!(Instant::now() < deadline, "no control message arrived");
+    };
+    assert_eq!(received, Bytes::from_static(b"hello"));
+    assert_eq!(second.recv().await.unwrap(), Bytes::from_static(b"hello"));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -15,6 +15,7 @@
 //! Blocking reads subscribe to their streams' append signal before looking at the data, so an
 //! append between the look and the wait cannot be missed; appends wake them at once (no polling).
 
+mod coordination;
 mod disk;
 mod entries;
 mod stream;
@@ -29,13 +30,15 @@ use bytes::Bytes;
 use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
+use self::coordination::Coordination;
 use self::disk::Disk;
 pub use self::disk::{DiskOptions, FsyncPolicy, OpenError};
 use self::entries::Entries;
 use self::stream::{Changes, ClaimScan, Fields, Now, Remember, StreamState, TrimRule};
 use super::{
     AppendOutcome, AppendRequest, Backend, BackendError, ClaimPage, ConsumerInfo, GroupBatch,
-    GroupRead, GroupStart, PendingEntry, PendingQuery, RangeQuery, StreamInfo, StreamStats, Trim,
+    GroupRead, GroupReport, GroupStart, Lease, PendingEntry, PendingQuery, RangeQuery, StreamInfo,
+    StreamStats, Trim,
 };
 use crate::model::{ConsumerName, Entry, EntryId, GroupName, NewEntry, StreamName, now_ms};
 
@@ -86,6 +89,8 @@ struct Engine {
     idempotency: Mutex<MemoryRecords>,
     /// The store on disk; `None` in memory.
     disk: Option<Arc<Disk>>,
+    /// Leases, group reports, limits and control messages (in memory: one process).
+    coordination: Coordination,
 }
 
 /// The embedded backend. Cheap to clone.
@@ -324,6 +329,7 @@ impl Engine {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|_, (_, expires_at)| *expires_at > now);
+        self.coordination.sweep();
         Ok(())
     }
 }
@@ -400,6 +406,7 @@ impl EmbeddedBackend {
             ),
             idempotency: Mutex::new(HashMap::new()),
             disk,
+            coordination: Coordination::new(),
         });
         tokio::spawn(sweep_until(Arc::downgrade(&engine), shutdown));
         EmbeddedBackend { engine }
@@ -867,5 +874,63 @@ impl Backend for EmbeddedBackend {
             .map_or_else(missing_group, Ok)?;
         self.engine.durable().await?;
         Ok(restored)
+    }
+
+    async fn acquire_lease(&self, lease: &Lease, ttl: Duration) -> Result<bool, BackendError> {
+        Ok(self.engine.coordination.acquire_lease(lease, ttl))
+    }
+
+    async fn renew_leases(
+        &self,
+        leases: &[Lease],
+        ttl: Duration,
+    ) -> Result<Vec<bool>, BackendError> {
+        Ok(self.engine.coordination.renew_leases(leases, ttl))
+    }
+
+    async fn release_lease(&self, lease: &Lease) -> Result<(), BackendError> {
+        self.engine.coordination.release_lease(lease);
+        Ok(())
+    }
+
+    async fn report_groups(
+        &self,
+        reports: &[GroupReport],
+        ttl: Duration,
+    ) -> Result<(), BackendError> {
+        self.engine.coordination.report_groups(reports, ttl);
+        Ok(())
+    }
+
+    async fn group_reports(&self) -> Result<Vec<GroupReport>, BackendError> {
+        Ok(self.engine.coordination.group_reports())
+    }
+
+    async fn set_group_limit(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+        limit: u32,
+    ) -> Result<(), BackendError> {
+        self.engine
+            .coordination
+            .set_group_limit(stream, group, limit);
+        Ok(())
+    }
+
+    async fn group_limits(
+        &self,
+        groups: &[(StreamName, GroupName)],
+    ) -> Result<Vec<Option<u32>>, BackendError> {
+        Ok(self.engine.coordination.group_limits(groups))
+    }
+
+    async fn publish_control(&self, payload: Bytes) -> Result<(), BackendError> {
+        self.engine.coordination.publish_control(payload);
+        Ok(())
+    }
+
+    fn control_messages(&self) -> tokio::sync::broadcast::Receiver<Bytes> {
+        self.engine.coordination.control_messages()
     }
 }

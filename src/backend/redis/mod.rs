@@ -3,6 +3,7 @@
 //! idempotent appends run as one Lua script so that racing retries write exactly once.
 
 mod batch;
+mod coordination;
 mod parse;
 mod pool;
 
@@ -17,8 +18,8 @@ use self::batch::Batcher;
 use self::pool::{BlockingConnections, Pool};
 use super::{
     AppendOutcome, AppendRequest, Backend, BackendError, ClaimPage, ConsumerInfo, Delivery,
-    Direction, GroupBatch, GroupCursor, GroupRead, GroupStart, PendingEntry, PendingQuery,
-    RangeQuery, Retention, StreamInfo, StreamStats, Trim,
+    Direction, GroupBatch, GroupCursor, GroupRead, GroupReport, GroupStart, Lease, PendingEntry,
+    PendingQuery, RangeQuery, Retention, StreamInfo, StreamStats, Trim,
 };
 use crate::model::{ConsumerName, Entry, EntryId, GroupName, NewEntry, StreamName, now_ms};
 
@@ -208,6 +209,7 @@ struct Inner {
     remove_idle_consumer: redis::Script,
     ack_and_delete: redis::Script,
     set_last_id: redis::Script,
+    coordination: coordination::Coordination,
 }
 
 impl RedisBackend {
@@ -217,6 +219,7 @@ impl RedisBackend {
         shutdown: CancellationToken,
     ) -> Result<RedisBackend, RedisError> {
         let client = options.client()?;
+        let coordination = coordination::Coordination::new(client.clone(), shutdown.clone());
         let connection_config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(options.connect_timeout))
             .set_response_timeout(Some(options.response_timeout));
@@ -247,6 +250,7 @@ impl RedisBackend {
                 remove_idle_consumer: redis::Script::new(REMOVE_IDLE_CONSUMER),
                 ack_and_delete: redis::Script::new(ACK_AND_DELETE),
                 set_last_id: redis::Script::new(SET_LAST_ID),
+                coordination,
             }),
         })
     }
@@ -1035,5 +1039,57 @@ impl Backend for RedisBackend {
             }
         }
         Ok(restored)
+    }
+
+    async fn acquire_lease(&self, lease: &Lease, ttl: Duration) -> Result<bool, BackendError> {
+        self.acquire_lease_now(lease, ttl).await
+    }
+
+    async fn renew_leases(
+        &self,
+        leases: &[Lease],
+        ttl: Duration,
+    ) -> Result<Vec<bool>, BackendError> {
+        self.renew_leases_now(leases, ttl).await
+    }
+
+    async fn release_lease(&self, lease: &Lease) -> Result<(), BackendError> {
+        self.release_lease_now(lease).await
+    }
+
+    async fn report_groups(
+        &self,
+        reports: &[GroupReport],
+        ttl: Duration,
+    ) -> Result<(), BackendError> {
+        self.report_groups_now(reports, ttl).await
+    }
+
+    async fn group_reports(&self) -> Result<Vec<GroupReport>, BackendError> {
+        self.group_reports_now().await
+    }
+
+    async fn set_group_limit(
+        &self,
+        stream: &StreamName,
+        group: &GroupName,
+        limit: u32,
+    ) -> Result<(), BackendError> {
+        self.set_group_limit_now(stream, group, limit).await
+    }
+
+    async fn group_limits(
+        &self,
+        groups: &[(StreamName, GroupName)],
+    ) -> Result<Vec<Option<u32>>, BackendError> {
+        self.group_limits_now(groups).await
+    }
+
+    async fn publish_control(&self, payload: bytes::Bytes) -> Result<(), BackendError> {
+        self.publish_control_now(payload).await
+    }
+
+    fn control_messages(&self) -> tokio::sync::broadcast::Receiver<bytes::Bytes> {
+        self.control_messages_now()
     }
 }
