@@ -390,7 +390,11 @@ impl Groups {
         {
             return Err(ConnectError::Duplicate(name));
         }
-        let stored_limit = match shared.backend.group_limits(std::slice::from_ref(&key)).await {
+        let stored_limit = match shared
+            .backend
+            .group_limits(std::slice::from_ref(&key))
+            .await
+        {
             Ok(limits) => limits.into_iter().next().flatten(),
             Err(error) => {
                 tracing::warn!(%error, "reading the group's limit failed; using the default");
@@ -439,9 +443,8 @@ impl Groups {
         };
         reservation.keep();
         lock(&shared.recent).remove(&key);
-        shared.keeper.notify_one();
         dispatch.wake.notify_one();
-        Ok(Subscription {
+        let subscription = Subscription {
             stream: spec.stream,
             group: spec.group,
             consumer: name.clone(),
@@ -451,7 +454,13 @@ impl Groups {
                 dispatch,
                 consumer: name,
             },
-        })
+        };
+        // Counted by every instance, and its messages found by a finish by id anywhere, before
+        // the connection is confirmed. (A failure here only delays that to the keeper's report.)
+        if let Err(error) = instances::report_now(shared, &key).await {
+            tracing::warn!(%error, "reporting a new consumer failed; the keeper reports it later");
+        }
+        Ok(subscription)
     }
 
     /// The consumer a pending message is held by, if it is pending in the group.
@@ -1070,6 +1079,12 @@ async fn run(shared: Weak<Shared>, dispatch: Arc<Dispatch>, mut tail: TailWatch)
         let Some(shared) = shared.upgrade() else {
             return;
         };
+        // Whatever woke this loop, a tail that moved since the last look means new entries: if
+        // the change were only marked seen here, a wake-up by another branch just after it would
+        // swallow it, and the entries would wait for the claim timer.
+        if tail.receiver.has_changed().unwrap_or(false) {
+            dispatch.state().drained = false;
+        }
         tail.receiver.borrow_and_update();
         let mut outcome = shared.serve(&dispatch).await;
         if outcome.is_ok() && (claim || dispatch.claim_requested.swap(false, Ordering::Relaxed)) {

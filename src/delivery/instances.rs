@@ -286,6 +286,33 @@ async fn follow_limits(shared: &Shared) -> Result<(), BackendError> {
     Ok(())
 }
 
+/// Reports one group served here now (a consumer just connected: other instances count it and
+/// look for its messages from the moment its connection is confirmed).
+pub(super) async fn report_now(shared: &Shared, key: &GroupKey) -> Result<(), BackendError> {
+    let Some(dispatch) = shared.dispatch(key) else {
+        return Ok(());
+    };
+    let report = group_report(shared, &dispatch);
+    shared.backend.report_groups(&[report], REPORT_TTL).await
+}
+
+fn group_report(shared: &Shared, dispatch: &super::groups::Dispatch) -> GroupReport {
+    let state = dispatch.state();
+    let mut report = GroupReport {
+        stream: dispatch.key.0.clone(),
+        group: dispatch.key.1.clone(),
+        instance: shared.instance.clone(),
+        consumers: state.consumers.len() as u64,
+        delivered: 0,
+        finished: 0,
+    };
+    for consumer in &state.consumers {
+        report.delivered += consumer.delivered.load(Ordering::Relaxed);
+        report.finished += consumer.finished.load(Ordering::Relaxed);
+    }
+    report
+}
+
 /// Reports the groups served here, and those whose last consumer here left within a visibility
 /// timeout.
 async fn report(shared: &Shared) -> Result<(), BackendError> {
@@ -298,20 +325,7 @@ async fn report(shared: &Shared) -> Result<(), BackendError> {
     let mut reports = Vec::new();
     let dispatches: Vec<_> = lock(&shared.dispatches).values().cloned().collect();
     for dispatch in dispatches {
-        let state = dispatch.state();
-        let mut report = GroupReport {
-            stream: dispatch.key.0.clone(),
-            group: dispatch.key.1.clone(),
-            instance: shared.instance.clone(),
-            consumers: state.consumers.len() as u64,
-            delivered: 0,
-            finished: 0,
-        };
-        for consumer in &state.consumers {
-            report.delivered += consumer.delivered.load(Ordering::Relaxed);
-            report.finished += consumer.finished.load(Ordering::Relaxed);
-        }
-        reports.push(report);
+        reports.push(group_report(shared, &dispatch));
     }
     let reported: HashSet<GroupKey> = reports
         .iter()

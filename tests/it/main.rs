@@ -41,6 +41,7 @@ mod copy;
 mod groups;
 
 mod health;
+mod instances;
 mod lifecycle;
 mod openapi;
 mod ops;

@@ -26,6 +26,9 @@ use crate::model::{ConsumerName, Entry, EntryId, GroupName, NewEntry, StreamName
 /// How many dedicated connections blocking reads may use at once.
 const BLOCKING_CONNECTIONS: usize = 8;
 
+/// How long an interrupted blocking read is given to return before it is unblocked again.
+const UNBLOCK_RETRY: Duration = Duration::from_millis(5);
+
 /// How to reach Redis. Built by the configuration.
 #[derive(Debug, Clone)]
 pub struct RedisOptions {
@@ -303,10 +306,21 @@ impl RedisBackend {
         let mut read = std::pin::pin!(read);
         let outcome = tokio::select! {
             outcome = &mut read => outcome,
-            _ = interrupt => {
-                let _: Result<Value, _> = self.query(redis::cmd("CLIENT").arg("UNBLOCK").arg(client_id).clone()).await;
-                read.await
-            }
+            _ = interrupt => loop {
+                // The unblock goes on another connection and may reach Redis before the read it
+                // should cut short (which then blocks for all of BLOCK): until one says it
+                // unblocked the read, or the read returns, send it again.
+                let unblocked: i64 = self
+                    .query(redis::cmd("CLIENT").arg("UNBLOCK").arg(client_id).clone())
+                    .await
+                    .unwrap_or(0);
+                if unblocked == 1 {
+                    break read.await;
+                }
+                if let Ok(outcome) = tokio::time::timeout(UNBLOCK_RETRY, &mut read).await {
+                    break outcome;
+                }
+            },
         };
         match outcome {
             Ok(Ok(value)) => {
