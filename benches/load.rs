@@ -109,20 +109,28 @@ impl Drop for Server {
     }
 }
 
-/// Sends `request` and reads until the end of the response head (and a little more).
-async fn open(address: &str, request: &[u8], expect: &str) -> TcpStream {
+/// A response being read: what arrived after its head in the reads that found the head (the
+/// first events may come in the same packet), then the socket.
+type Opened = tokio::io::Chain<std::io::Cursor<Vec<u8>>, TcpStream>;
+
+/// Sends `request` and reads until the end of the response head.
+async fn open(address: &str, request: &[u8], expect: &str) -> Opened {
     let mut socket = TcpStream::connect(address).await.expect("connect");
     socket.write_all(request).await.expect("write");
     let mut head = Vec::new();
     let mut buffer = [0u8; 1024];
-    while !head.windows(4).any(|window| window == b"\r\n\r\n") {
+    let end = loop {
+        if let Some(at) = find(&head, b"\r\n\r\n") {
+            break at + 4;
+        }
         let n = socket.read(&mut buffer).await.expect("read");
         assert!(n > 0, "closed before the response");
         head.extend_from_slice(&buffer[..n]);
-    }
-    let text = String::from_utf8_lossy(&head);
+    };
+    let text = String::from_utf8_lossy(&head[..end]);
     assert!(text.starts_with(expect), "unexpected response: {text}");
-    socket
+    let rest = head.split_off(end);
+    std::io::Cursor::new(rest).chain(socket)
 }
 
 /// A masked client text frame (RFC 6455), as a WebSocket client must send.
@@ -142,10 +150,10 @@ fn client_text_frame(text: &str) -> Vec<u8> {
 }
 
 /// Opens `n` connections with `open_one`, `parallel` at a time.
-async fn open_many<F, Fut>(n: usize, parallel: usize, open_one: F) -> Vec<TcpStream>
+async fn open_many<F, Fut>(n: usize, parallel: usize, open_one: F) -> Vec<Opened>
 where
     F: Fn() -> Fut,
-    Fut: std::future::Future<Output = TcpStream> + Send + 'static,
+    Fut: std::future::Future<Output = Opened> + Send + 'static,
 {
     let mut sockets = Vec::with_capacity(n);
     while sockets.len() < n {
@@ -195,7 +203,7 @@ async fn idle(rows: &mut Vec<Row>) {
     }
 }
 
-async fn open_transport(transport: &str, address: &str) -> TcpStream {
+async fn open_transport(transport: &str, address: &str) -> Opened {
     if transport == "SSE" {
         let request = format!(
             "GET /api/streams/idle/events HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
@@ -208,7 +216,12 @@ async fn open_transport(transport: &str, address: &str) -> TcpStream {
         );
         let mut socket = open(address, request.as_bytes(), "HTTP/1.1 101").await;
         let subscribe = client_text_frame(r#"{"type":"subscribe","topics":["idle"]}"#);
-        socket.write_all(&subscribe).await.expect("subscribe");
+        socket
+            .get_mut()
+            .1
+            .write_all(&subscribe)
+            .await
+            .expect("subscribe");
         let mut reply = [0u8; 256];
         let n = socket.read(&mut reply).await.expect("subscribed");
         assert!(String::from_utf8_lossy(&reply[..n]).contains("subscribed"));
