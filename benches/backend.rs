@@ -148,13 +148,11 @@ fn main() {
         let redis = match &server {
             Some(server) => {
                 let options = RedisOptions {
-                    url: format!("redis://127.0.0.1:{}", server.1),
-                    display_address: format!("127.0.0.1:{}", server.1),
-                    pool_size: 4,
                     connect_retries: 5,
-                    response_timeout: Duration::from_secs(10),
-                    connect_timeout: Duration::from_secs(2),
-                    tls_ca: None,
+                    ..RedisOptions::new(
+                        format!("redis://127.0.0.1:{}", server.1),
+                        format!("127.0.0.1:{}", server.1),
+                    )
                 };
                 let backend = RedisBackend::connect(&options, CancellationToken::new())
                     .await

@@ -20,6 +20,9 @@
 //!   5 s) and batch (100 per request).
 //! - `memory`: resident memory of the embedded engine (default 64 MiB cache) while 1 GiB of
 //!   1 KB messages is written (batches of 100, 4 connections) and then read back in full.
+//! - `cluster`: publish and group (as above) with streamgate on a local Redis Cluster of three
+//!   masters against streamgate on one Redis node, side by side; then, on a cluster of three
+//!   masters with a replica each, publish with `redis.wait_replicas = 1` against 0.
 //!
 //! Every client here is a minimal HTTP/1.1 client on a raw socket (the same one for streamgate and
 //! for the peers), so the load generator's own cost stays small and equal.
@@ -30,6 +33,15 @@ use std::time::{Duration, Instant};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+
+// The test suite's local Redis Cluster, shared rather than written twice.
+#[allow(dead_code)]
+#[path = "../tests/it/helpers/redis_cluster.rs"]
+mod redis_cluster;
+#[allow(dead_code)]
+#[path = "../tests/it/helpers/redis_server.rs"]
+mod redis_server;
+use redis_cluster::RedisCluster;
 
 const TOKEN: &str = "bench-token";
 
@@ -500,10 +512,15 @@ fn rate(per_second: f64) -> String {
 }
 
 /// Scenario 1: one message per request.
-async fn publish(rows: &mut Vec<Row>, server: &Server, redis: &Redis, peers: Option<&Peers>) {
+/// streamgate's publish throughput: one message per request to `bench-pub`.
+async fn publish_rate(server: &Server) -> Throughput {
     let body = format!(r#"{{"data":{PAYLOAD}}}"#);
     let request = post("/api/streams/bench-pub/messages", "bench", &body, &auth());
-    let ours = hammer(&server.address, request, created).await;
+    hammer(&server.address, request, created).await
+}
+
+async fn publish(rows: &mut Vec<Row>, server: &Server, redis: &Redis, peers: Option<&Peers>) {
+    let ours = publish_rate(server).await;
     eprintln!(
         "publish: streamgate {:.0}/s p50 {:?} p99 {:?}",
         ours.per_second, ours.p50, ours.p99
@@ -917,21 +934,30 @@ async fn fanout(rows: &mut Vec<Row>, server: &Server, peers: Option<&Peers>) {
 }
 
 /// Scenario 4: consumer group, consume + finish, against raw XREADGROUP/XACK.
-async fn group(rows: &mut Vec<Row>, server: &Server, redis: &Redis) {
-    const MESSAGES: usize = 200_000;
-    const CONSUMERS: usize = 10;
-    const STREAM: &str = "bench-group";
+/// Messages and consumers of the group scenarios.
+const GROUP_MESSAGES: usize = 200_000;
+const GROUP_CONSUMERS: usize = 10;
+
+/// Publishes `GROUP_MESSAGES` to `stream`, in batches of 100.
+async fn fill_group_stream(server: &Server, stream: &str) {
     let mut connection = Connection::open(&server.address).await;
     let batch = format!(r#"{{"messages":[{}]}}"#, vec![PAYLOAD; 100].join(","));
     let fill = post(
-        &format!("/api/streams/{STREAM}/messages/batch"),
+        &format!("/api/streams/{stream}/messages/batch"),
         "bench",
         &batch,
         &auth(),
     );
-    for _ in 0..MESSAGES / 100 {
+    for _ in 0..GROUP_MESSAGES / 100 {
         assert_eq!(connection.call(&fill).await.0, 201);
     }
+}
+
+async fn group(rows: &mut Vec<Row>, server: &Server, redis: &Redis) {
+    const MESSAGES: usize = GROUP_MESSAGES;
+    const CONSUMERS: usize = GROUP_CONSUMERS;
+    const STREAM: &str = "bench-group";
+    fill_group_stream(server, STREAM).await;
     redis.cli(&["XGROUP", "CREATE", STREAM, "raw", "0"]);
 
     // The raw Redis client: COUNT 100 reads, each acknowledged at once.
@@ -983,22 +1009,41 @@ async fn group(rows: &mut Vec<Row>, server: &Server, redis: &Redis) {
     let raw_rate = raw_acked as f64 / started.elapsed().as_secs_f64();
     assert_eq!(raw_acked, MESSAGES);
 
-    // streamgate: SSE consumers finishing what each read delivered, in batches.
+    let (done, ours_rate) = consume_group(server, STREAM).await;
+    eprintln!(
+        "group: streamgate finished {done} of {MESSAGES}; raw Redis {raw_acked} at {raw_rate:.0}/s"
+    );
+    rows.push(Row {
+        scenario: "group consume+finish, 10 consumers".into(),
+        target: "≥ 0.7x".into(),
+        figure: format!("{} ({}%)", rate(ours_rate), done * 100 / MESSAGES),
+        peer: rate(raw_rate),
+        ratio: ratio(ours_rate, raw_rate),
+    });
+}
+
+/// streamgate's group scenario on a filled `STREAM`: SSE consumers finishing what each read
+/// delivered, in batches. Returns how many were finished and at what rate.
+async fn consume_group(server: &Server, stream: &str) -> (usize, f64) {
+    const MESSAGES: usize = GROUP_MESSAGES;
+    const CONSUMERS: usize = GROUP_CONSUMERS;
+    let stream = stream.to_owned();
     let finished = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let started = Instant::now();
     let consumers: Vec<_> = (0..CONSUMERS)
         .map(|index| {
             let (address, finished) = (server.address.clone(), finished.clone());
+            let stream = stream.clone();
             tokio::spawn(async move {
                 let subscribe = format!(
-                    "GET /api/events?stream={STREAM}&group=g&consumer=c{index}&limit=200 HTTP/1.1\r\nHost: bench\r\n{}\r\n",
+                    "GET /api/events?stream={stream}&group=g&consumer=c{index}&limit=200 HTTP/1.1\r\nHost: bench\r\n{}\r\n",
                     auth()
                 );
                 let socket = open(&address, subscribe.as_bytes(), "HTTP/1.1 200").await;
                 let mut reader = tokio::io::BufReader::new(socket);
                 let mut finisher = Connection::open(&address).await;
                 let finish_path =
-                    format!("/api/streams/{STREAM}/groups/g/consumers/c{index}/finish");
+                    format!("/api/streams/{stream}/groups/g/consumers/c{index}/finish");
                 let (mut ids, mut line) = (Vec::new(), Vec::new());
                 loop {
                     line.clear();
@@ -1034,16 +1079,80 @@ async fn group(rows: &mut Vec<Row>, server: &Server, redis: &Redis) {
         consumer.abort();
     }
     let done = finished.load(std::sync::atomic::Ordering::Relaxed);
-    let ours_rate = done as f64 / elapsed.as_secs_f64();
+    (done, done as f64 / elapsed.as_secs_f64())
+}
+
+/// A streamgate on the local Redis Cluster `cluster` (every node a seed), with `env` settings.
+fn cluster_server(cluster: &RedisCluster, env: &[(&str, &str)]) -> Server {
+    let urls = cluster.urls().join(",");
+    let mut env = env.to_vec();
+    env.push(("STREAMGATE_REDIS__URLS", &urls));
+    Server::start_with_env(&[], &env)
+}
+
+/// Scenario `cluster`: streamgate on a 3-master cluster against streamgate on one node, then
+/// the cost of waiting for a replica.
+async fn cluster(rows: &mut Vec<Row>) {
+    let single_redis = Redis::start();
+    let single = Server::start(&["--redis-url", &single_redis.url()]);
+    let nodes = tokio::task::spawn_blocking(|| RedisCluster::start(0))
+        .await
+        .expect("cluster")
+        .expect("redis-server and redis-cli are needed for the cluster scenario");
+    let clustered = cluster_server(&nodes, &[]);
+
+    let one = publish_rate(&single).await;
+    let three = publish_rate(&clustered).await;
     eprintln!(
-        "group: streamgate finished {done} of {MESSAGES} in {elapsed:?}; raw Redis {raw_acked} at {raw_rate:.0}/s"
+        "cluster publish: one node {:.0}/s, cluster {:.0}/s",
+        one.per_second, three.per_second
     );
     rows.push(Row {
-        scenario: "group consume+finish, 10 consumers".into(),
-        target: "≥ 0.7x".into(),
-        figure: format!("{} ({}%)", rate(ours_rate), done * 100 / MESSAGES),
-        peer: rate(raw_rate),
-        ratio: ratio(ours_rate, raw_rate),
+        scenario: "publish 1/request, 50 conns: cluster vs 1 node".into(),
+        target: "≥ 0.9x".into(),
+        figure: format!("{} p99 {:.1}ms", rate(three.per_second), ms(three.p99)),
+        peer: format!("{} p99 {:.1}ms", rate(one.per_second), ms(one.p99)),
+        ratio: ratio(three.per_second, one.per_second),
+    });
+
+    fill_group_stream(&single, "bench-group").await;
+    fill_group_stream(&clustered, "bench-group").await;
+    let (one_done, one_rate) = consume_group(&single, "bench-group").await;
+    let (three_done, three_rate) = consume_group(&clustered, "bench-group").await;
+    eprintln!(
+        "cluster group: one node {one_done} at {one_rate:.0}/s, cluster {three_done} at {three_rate:.0}/s"
+    );
+    rows.push(Row {
+        scenario: "group consume+finish: cluster vs 1 node".into(),
+        target: "≥ 0.9x".into(),
+        figure: format!(
+            "{} ({}%)",
+            rate(three_rate),
+            three_done * 100 / GROUP_MESSAGES
+        ),
+        peer: format!("{} ({}%)", rate(one_rate), one_done * 100 / GROUP_MESSAGES),
+        ratio: ratio(three_rate, one_rate),
+    });
+    drop((clustered, nodes, single, single_redis));
+
+    let replicated = tokio::task::spawn_blocking(|| RedisCluster::start(1))
+        .await
+        .expect("cluster")
+        .expect("redis-server and redis-cli are needed for the cluster scenario");
+    let plain = cluster_server(&replicated, &[]);
+    let waiting = cluster_server(&replicated, &[("STREAMGATE_REDIS__WAIT_REPLICAS", "1")]);
+    let without = publish_rate(&plain).await;
+    let with = publish_rate(&waiting).await;
+    eprintln!(
+        "cluster wait_replicas: 0 {:.0}/s, 1 {:.0}/s",
+        without.per_second, with.per_second
+    );
+    rows.push(Row {
+        scenario: "publish on a cluster with replicas: wait 1 vs 0".into(),
+        target: "(cost)".into(),
+        figure: format!("{} p99 {:.1}ms", rate(with.per_second), ms(with.p99)),
+        peer: format!("{} p99 {:.1}ms", rate(without.per_second), ms(without.p99)),
+        ratio: ratio(with.per_second, without.per_second),
     });
 }
 
@@ -1121,6 +1230,9 @@ fn main() {
         }
         if wants("memory") {
             memory(&mut rows).await;
+        }
+        if wants("cluster") {
+            cluster(&mut rows).await;
         }
     });
     print(&rows);

@@ -45,6 +45,14 @@ pub async fn run(
 
     let metrics = Arc::new(Metrics::new());
     if let (false, Some(redis)) = (config.pubsub.patterns.is_empty(), &config.redis) {
+        if let AnyBackend::Redis(backend) = &backend
+            && backend.is_cluster()
+        {
+            anyhow::bail!(
+                "the Pub/Sub bridge (pubsub.patterns) does not run on a Redis Cluster yet: \
+                 remove pubsub.patterns, or point it at a single Redis server"
+            );
+        }
         bridge::start(
             &redis.options,
             config.pubsub.clone(),

@@ -490,6 +490,13 @@ pub trait Backend: Clone + Send + Sync + 'static {
         min_idle: Duration,
     ) -> impl Future<Output = Result<bool, BackendError>> + Send;
 
+    /// The name of `stream`'s dead-letter stream: `{stream}:dlq`. On a Redis Cluster a name in
+    /// the stream's hash slot, so that dead-lettering stays atomic: `{stream}:dlq` with the name
+    /// between braces, unless the name has a hash tag of its own (then `{stream}:dlq` as is).
+    fn dead_letter_stream(&self, stream: &StreamName) -> StreamName {
+        stream.dead_letter()
+    }
+
     /// Atomically appends `fields` to `dead_letter` and acknowledges `id` in the group.
     fn dead_letter(
         &self,
@@ -788,6 +795,10 @@ impl Backend for AnyBackend {
         min_idle: Duration,
     ) -> Result<bool, BackendError> {
         dispatch!(self, backend => backend.remove_idle_consumer(stream, group, consumer, min_idle).await)
+    }
+
+    fn dead_letter_stream(&self, stream: &StreamName) -> StreamName {
+        dispatch!(self, backend => backend.dead_letter_stream(stream))
     }
 
     async fn dead_letter(

@@ -21,7 +21,7 @@ pub use self::sources::{
 use crate::auth::{JwtVerifier, Scope, StaticToken, StreamPattern, token_digest};
 use crate::backend::Retention;
 use crate::backend::embedded::{DiskOptions, FsyncPolicy};
-use crate::backend::redis::RedisOptions;
+use crate::backend::redis::{ClusterMode, RedisOptions};
 
 /// Sections of the file (tables whose keys merge one by one).
 const SECTIONS: &[&str] = &[
@@ -48,6 +48,10 @@ const KEYS: &[&str] = &[
     "redis.pool_size",
     "redis.response_timeout",
     "redis.tls_ca",
+    "redis.cluster",
+    "redis.urls",
+    "redis.wait_replicas",
+    "redis.wait_timeout",
     "redis_address",
     "redis_password",
     "redis_db",
@@ -933,6 +937,22 @@ fn read_backend(r: &mut Reader) -> (BackendKind, Option<RedisSettings>) {
     let pool_size = r.integer("redis.pool_size", 1..=64).unwrap_or(4) as usize;
     let response_timeout = positive(r, "redis.response_timeout").unwrap_or(Duration::from_secs(10));
     let tls_ca = r.string("redis.tls_ca").map(PathBuf::from);
+    let cluster = match r.string("redis.cluster").as_deref() {
+        None | Some("auto") => ClusterMode::Auto,
+        Some("true") => ClusterMode::Cluster,
+        Some("false") => ClusterMode::Standalone,
+        Some(other) => {
+            r.error(
+                "redis.cluster",
+                format!("expected \"auto\", \"true\" or \"false\", got {other:?}"),
+            );
+            ClusterMode::Auto
+        }
+    };
+    let seeds = r.string_list("redis.urls").unwrap_or_default();
+    let wait_replicas = r.integer("redis.wait_replicas", 0..=16).unwrap_or(0) as u32;
+    let wait_timeout = positive(r, "redis.wait_timeout").unwrap_or(Duration::from_secs(1));
+    let url = url.or_else(|| seeds.first().cloned());
     let redis_configured = url.is_some() || address.is_some();
     let kind = match r.string("backend").as_deref() {
         None => {
@@ -1009,6 +1029,27 @@ fn read_backend(r: &mut Reader) -> (BackendKind, Option<RedisSettings>) {
     options.connect_retries = connect_retries;
     options.response_timeout = response_timeout;
     options.tls_ca = tls_ca.clone();
+    options.cluster = cluster;
+    options.wait_replicas = wait_replicas;
+    options.wait_timeout = wait_timeout;
+    for seed in &seeds {
+        match url::Url::parse(seed) {
+            Ok(seed) if seed.scheme() == parsed.scheme() && seed.host_str().is_some() => {
+                let mut seed = seed;
+                if let Some(password) = &password {
+                    let _ = seed.set_password(Some(password));
+                }
+                options.seeds.push(seed.to_string());
+            }
+            _ => r.error(
+                "redis.urls",
+                format!(
+                    "{seed:?}: expected a {}:// URL like redis.url",
+                    parsed.scheme()
+                ),
+            ),
+        }
+    }
     let mut shown = parsed.clone();
     if shown.password().is_some() {
         // The URL always parses back, so setting a password cannot fail here.
@@ -1036,15 +1077,7 @@ fn redis_options(parsed: &url::Url) -> RedisOptions {
         "" | "0" => String::new(),
         db => format!("/{db}"),
     };
-    RedisOptions {
-        url: parsed.to_string(),
-        display_address: format!("{host}:{port}{db_suffix}"),
-        pool_size: 4,
-        connect_retries: 3,
-        response_timeout: Duration::from_secs(10),
-        connect_timeout: Duration::from_secs(2),
-        tls_ca: None,
-    }
+    RedisOptions::new(parsed.to_string(), format!("{host}:{port}{db_suffix}"))
 }
 
 /// One end of `streamgate copy`.

@@ -850,7 +850,7 @@ impl Shared {
                 .into_iter()
                 .map(|(field, value)| (Bytes::from_static(field.as_bytes()), Bytes::from(value))),
         );
-        let dead_letter_stream = stream.dead_letter();
+        let dead_letter_stream = self.backend.dead_letter_stream(stream);
         self.backend
             .dead_letter(stream, group, id, &dead_letter_stream, fields)
             .await?;

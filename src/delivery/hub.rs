@@ -267,18 +267,21 @@ impl Hub {
             Start::After(requested) => {
                 let covered = tail.is_some_and(|tail| requested >= floor && requested <= tail);
                 if !covered {
-                    let (last, first) = match backend.stream_info(stream).await {
+                    let (last, first, removed_any) = match backend.stream_info(stream).await {
                         Ok(info) => (
                             info.last_generated_id,
                             info.first_entry.map(|entry| entry.id),
+                            info.entries_added > info.length,
                         ),
-                        Err(BackendError::StreamNotFound) => (EntryId::MIN, None),
+                        Err(BackendError::StreamNotFound) => (EntryId::MIN, None, false),
                         Err(error) => return Err(error.into()),
                     };
                     if requested > last {
                         return Err(SubscribeError::FutureId { requested, last });
                     }
-                    if let Some(first) = first.filter(|first| *first > requested) {
+                    // Starting before the first entry is a gap only if something was removed
+                    // (trimmed or deleted) since: a stream that never lost an entry has none.
+                    if removed_any && let Some(first) = first.filter(|first| *first > requested) {
                         subscription.gap = Some(HubEvent::Gap {
                             requested,
                             resumed_from: first,

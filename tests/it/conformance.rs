@@ -16,10 +16,11 @@ use streamgate::backend::{
 };
 use streamgate::model::{ConsumerName, EntryId, GroupName, NewEntry, StreamName, now_ms};
 
-use crate::helpers::RedisServer;
+use crate::helpers::{RedisCluster, RedisServer};
 
 /// Runs each listed `async fn<B: Backend>(B)` as `<name>::in_memory`, `<name>::on_disk` (the
-/// embedded engine in a temporary data directory) and `<name>::redis`.
+/// embedded engine in a temporary data directory), `<name>::redis` and `<name>::cluster` (a Redis
+/// Cluster of three masters).
 macro_rules! conformance {
     ($($test:ident),* $(,)?) => {
         $(
@@ -41,6 +42,15 @@ macro_rules! conformance {
                 async fn redis() {
                     let Some(server) = crate::helpers::RedisServer::start() else { return };
                     let backend = super::connect(&server).await;
+                    super::$test(backend).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn cluster() {
+                    let Some(cluster) = tokio::task::spawn_blocking(|| crate::helpers::RedisCluster::start(0))
+                        .await
+                        .expect("start the cluster") else { return };
+                    let backend = super::connect_cluster(&cluster).await;
                     super::$test(backend).await;
                 }
             }
@@ -75,17 +85,29 @@ conformance!(
 
 pub async fn connect(server: &RedisServer) -> RedisBackend {
     let options = RedisOptions {
-        url: server.url(),
-        display_address: server.address(),
         pool_size: 2,
         connect_retries: 0,
         response_timeout: Duration::from_secs(5),
-        connect_timeout: Duration::from_secs(2),
-        tls_ca: None,
+        ..RedisOptions::new(server.url(), server.address())
     };
     RedisBackend::connect(&options, CancellationToken::new())
         .await
         .expect("connect to redis")
+}
+
+pub async fn connect_cluster(cluster: &RedisCluster) -> RedisBackend {
+    let urls = cluster.urls();
+    let options = RedisOptions {
+        connect_retries: 0,
+        response_timeout: Duration::from_secs(5),
+        seeds: urls.clone(),
+        ..RedisOptions::new(urls[0].clone(), urls[0].trim_start_matches("redis://"))
+    };
+    let backend = RedisBackend::connect(&options, CancellationToken::new())
+        .await
+        .expect("connect to the cluster");
+    assert!(backend.is_cluster(), "the cluster was not detected");
+    backend
 }
 
 fn stream(name: &str) -> StreamName {
@@ -100,11 +122,11 @@ fn consumer(name: &str) -> ConsumerName {
     ConsumerName::parse(name).unwrap()
 }
 
-fn message(text: &str) -> NewEntry {
+pub fn message(text: &str) -> NewEntry {
     NewEntry::new(Bytes::copy_from_slice(text.as_bytes()), None)
 }
 
-fn request(entries: Vec<NewEntry>) -> AppendRequest {
+pub fn request(entries: Vec<NewEntry>) -> AppendRequest {
     AppendRequest {
         entries,
         retention: Retention::default(),
@@ -1066,7 +1088,7 @@ async fn dead_lettering_moves_and_acknowledges<B: Backend>(backend: B) {
             Bytes::from(ids[0].to_string()),
         ),
     ];
-    let dlq = s.dead_letter();
+    let dlq = backend.dead_letter_stream(&s);
     let dead_id = backend
         .dead_letter(&s, &g, ids[0], &dlq, fields.clone())
         .await

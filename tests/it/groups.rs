@@ -413,7 +413,12 @@ async fn messages_are_dead_lettered_after_max_deliveries(app: TestApp) {
     let mut last = app.consume("poison", "g", "").await;
     let deadline = Instant::now() + Duration::from_secs(8);
     let dead = loop {
-        let page = app.get("/api/streams/poison:dlq/messages").await;
+        let page = app
+            .get(&format!(
+                "/api/streams/{}/messages",
+                app.dead_letter_of("poison")
+            ))
+            .await;
         if page.status() == 200 {
             let page = json(page).await;
             if let Some(first) = page["messages"]

@@ -429,6 +429,12 @@ async fn a_group_shared_by_two_instances_delivers_each_message_once() {
         return;
     };
     let (b, _) = others(&a, "").await;
+    shared_group_delivers_each_message_once(a, b).await;
+}
+
+/// Four consumers of one group, two on each instance, finishing through either: every message
+/// reaches exactly one of them, first time, and is finished.
+pub async fn shared_group_delivers_each_message_once(a: TestApp, b: TestApp) {
     let (a, b) = (Arc::new(a), Arc::new(b));
     const MESSAGES: u64 = 200;
     let mut workers = Vec::new();

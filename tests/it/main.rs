@@ -3,8 +3,8 @@
 
 mod helpers;
 
-/// Runs each listed `async fn(TestApp)` once per backend, as `<name>::embedded` and
-/// `<name>::redis`.
+/// Runs each listed `async fn(TestApp)` once per backend, as `<name>::embedded`,
+/// `<name>::redis` and `<name>::cluster` (a Redis Cluster of three masters).
 /// `name = "toml"` appends configuration for that test.
 macro_rules! on_each_backend {
     ($($test:ident $(= $extra:expr)?),* $(,)?) => {
@@ -22,9 +22,15 @@ macro_rules! on_each_backend {
 
                 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
                 async fn redis() {
-
                     let extra = String::new() $(+ $extra)?;
                     let Some(app) = crate::helpers::TestApp::on_redis(&extra).await else { return };
+                    super::$test(app).await;
+                }
+
+                #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+                async fn cluster() {
+                    let extra = String::new() $(+ $extra)?;
+                    let Some(app) = crate::helpers::TestApp::on_cluster(&extra).await else { return };
                     super::$test(app).await;
                 }
             }
@@ -36,6 +42,7 @@ mod admin;
 mod auth;
 mod broadcast;
 mod cli;
+mod cluster;
 mod conformance;
 mod copy;
 mod groups;

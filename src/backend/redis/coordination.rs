@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
+use super::connections::slot_of;
 use super::{RedisBackend, group_error};
 use crate::backend::{BackendError, GroupReport, Lease, backoff_delay};
 use crate::model::{GroupName, StreamName, now_ms};
@@ -83,19 +84,21 @@ pub(super) struct Coordination {
     renew_leases: redis::Script,
     release_lease: redis::Script,
     set_limit: redis::Script,
-    client: Client,
+    /// Nodes the control channel may subscribe on, tried in turn (one server: itself; a
+    /// cluster: every node, since PUBLISH reaches them all).
+    subscribers: Vec<Client>,
     shutdown: CancellationToken,
     control: OnceLock<broadcast::Sender<Bytes>>,
 }
 
 impl Coordination {
-    pub(super) fn new(client: Client, shutdown: CancellationToken) -> Coordination {
+    pub(super) fn new(subscribers: Vec<Client>, shutdown: CancellationToken) -> Coordination {
         Coordination {
             acquire_lease: redis::Script::new(ACQUIRE_LEASE),
             renew_leases: redis::Script::new(RENEW_LEASES),
             release_lease: redis::Script::new(RELEASE_LEASE),
             set_limit: redis::Script::new(SET_LIMIT),
-            client,
+            subscribers,
             shutdown,
             control: OnceLock::new(),
         }
@@ -114,6 +117,51 @@ pub(super) fn slot_tag(key: &str) -> &str {
     }
 }
 
+/// A `{…}` hash tag that puts a key in `key`'s slot: `key`'s own tag when it can be written
+/// between braces (it has no `}`), else a short tag found for that slot.
+pub(super) fn hash_tag_for(key: &str) -> std::borrow::Cow<'_, str> {
+    let tag = slot_tag(key);
+    if !tag.contains('}') {
+        return std::borrow::Cow::Borrowed(tag);
+    }
+    std::borrow::Cow::Owned(tag_of_slot(slot_of(key.as_bytes())).to_owned())
+}
+
+/// For each of the 16384 slots, a short alphanumeric string that hashes to it (found once).
+pub(super) fn tag_of_slot(slot: u16) -> &'static str {
+    static TAGS: OnceLock<Vec<String>> = OnceLock::new();
+    let tags = TAGS.get_or_init(|| {
+        const ALPHABET: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ";
+        let mut tags = vec![String::new(); 16384];
+        let mut missing = tags.len();
+        let mut candidate = vec![0usize];
+        while missing > 0 {
+            let text: String = candidate.iter().map(|&i| ALPHABET[i] as char).collect();
+            let slot = usize::from(slot_of(text.as_bytes()));
+            if tags[slot].is_empty() {
+                tags[slot] = text;
+                missing -= 1;
+            }
+            // The next string: count up in base 62, growing by a digit when all are used.
+            let mut position = candidate.len();
+            loop {
+                if position == 0 {
+                    candidate.insert(0, 0);
+                    break;
+                }
+                position -= 1;
+                candidate[position] += 1;
+                if candidate[position] < ALPHABET.len() {
+                    break;
+                }
+                candidate[position] = 0;
+            }
+        }
+        tags
+    });
+    &tags[usize::from(slot)]
+}
+
 /// A key streamgate derives from `stream`, in the stream's hash slot (so it can take part in a
 /// script or transaction with the stream on a cluster): `streamgate:{tag}:kind:` and a digest of
 /// the stream and `parts` (any names fit, and none can be confused with another).
@@ -126,7 +174,7 @@ pub(super) fn derived_key(stream: &StreamName, kind: &str, parts: &[&str]) -> St
     }
     format!(
         "streamgate:{{{}}}:{kind}:{}",
-        slot_tag(stream.as_str()),
+        hash_tag_for(stream.as_str()),
         hex::encode(&hasher.finalize()[..16])
     )
 }
@@ -207,13 +255,29 @@ impl RedisBackend {
         if leases.is_empty() {
             return Ok(Vec::new());
         }
-        let mut invocation = self.coordination().renew_leases.prepare_invoke();
-        invocation.arg(ms(ttl));
-        for lease in leases {
-            invocation.key(lease_key(lease)).arg(&lease.token);
+        // One script per hash slot (on one server: one for all).
+        let keyed: Vec<(usize, String)> = leases
+            .iter()
+            .enumerate()
+            .map(|(index, lease)| (index, lease_key(lease)))
+            .collect();
+        let groups = self
+            .inner
+            .connections
+            .by_slot(keyed, |(_, key)| key.as_bytes());
+        let mut held = vec![false; leases.len()];
+        for group in groups {
+            let mut invocation = self.coordination().renew_leases.prepare_invoke();
+            invocation.arg(ms(ttl));
+            for (index, key) in &group {
+                invocation.key(key).arg(&leases[*index].token);
+            }
+            let replies: Vec<i64> = self.script(&invocation).await?;
+            for ((index, _), reply) in group.iter().zip(replies) {
+                held[*index] = reply == 1;
+            }
         }
-        let held: Vec<i64> = self.script(&invocation).await?;
-        Ok(held.into_iter().map(|held| held == 1).collect())
+        Ok(held)
     }
 
     pub(super) async fn release_lease_now(&self, lease: &Lease) -> Result<(), BackendError> {
@@ -318,7 +382,7 @@ impl RedisBackend {
             .get_or_init(|| {
                 let sender = broadcast::Sender::new(1024);
                 tokio::spawn(listen(
-                    coordination.client.clone(),
+                    coordination.subscribers.clone(),
                     sender.clone(),
                     coordination.shutdown.clone(),
                 ));
@@ -330,9 +394,16 @@ impl RedisBackend {
 
 /// Forwards the control channel's messages until shutdown, resubscribing after a lost connection
 /// (messages published meanwhile are missed: the delivery layer has safety nets for each kind).
-async fn listen(client: Client, sender: broadcast::Sender<Bytes>, shutdown: CancellationToken) {
+async fn listen(
+    subscribers: Vec<Client>,
+    sender: broadcast::Sender<Bytes>,
+    shutdown: CancellationToken,
+) {
     let mut failures = 0u32;
+    let mut turn = 0usize;
     while !shutdown.is_cancelled() {
+        let client = &subscribers[turn % subscribers.len().max(1)];
+        turn += 1;
         let listened = async {
             let mut pubsub = client.get_async_pubsub().await?;
             pubsub.subscribe(CONTROL_CHANNEL).await?;
@@ -362,6 +433,10 @@ async fn listen(client: Client, sender: broadcast::Sender<Bytes>, shutdown: Canc
             let delay = backoff_delay(failures);
             failures = failures.saturating_add(1);
             tracing::warn!(%error, ?delay, "control channel: subscription lost, resubscribing");
+            if !turn.is_multiple_of(subscribers.len().max(1)) {
+                // Another node may answer at once.
+                continue;
+            }
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {}
                 _ = shutdown.cancelled() => return,

@@ -1,8 +1,10 @@
-//! The Redis backend: standalone Redis 7+ through a fixed pool of multiplexed connections.
-//! Writes of several commands go in one pipeline (`MULTI`/`EXEC` where they must be atomic);
-//! idempotent appends run as one Lua script so that racing retries write exactly once.
+//! The Redis backend: Redis 7+, one server (a fixed pool of multiplexed connections) or a Redis
+//! Cluster (see `connections`). Writes of several commands go in one pipeline (`MULTI`/`EXEC`
+//! where they must be atomic); idempotent appends run as one Lua script so that racing retries
+//! write exactly once. Every key derived from a stream lives in the stream's hash slot.
 
 mod batch;
+mod connections;
 mod coordination;
 mod parse;
 mod pool;
@@ -10,11 +12,12 @@ mod pool;
 use std::sync::Arc;
 use std::time::Duration;
 
+use redis::aio::ConnectionLike;
 use redis::{AsyncConnectionConfig, Client, Cmd, FromRedisValue, RedisError, Value};
-use sha2::{Digest, Sha256};
 use tokio_util::sync::CancellationToken;
 
-use self::batch::Batcher;
+use self::batch::{Batcher, Target};
+use self::connections::{Cluster, ClusterBlocking, Connections, Standalone, WaitReplicas};
 use self::pool::{BlockingConnections, Pool};
 use super::{
     AppendOutcome, AppendRequest, Backend, BackendError, ClaimPage, ConsumerInfo, Delivery,
@@ -23,11 +26,18 @@ use super::{
 };
 use crate::model::{ConsumerName, Entry, EntryId, GroupName, NewEntry, StreamName, now_ms};
 
-/// How many dedicated connections blocking reads may use at once.
+/// How many dedicated connections blocking reads may use at once (on a cluster: dedicated
+/// cluster connections, each with one connection per node it reads from).
 const BLOCKING_CONNECTIONS: usize = 8;
 
-/// How long an interrupted blocking read is given to return before it is unblocked again.
-const UNBLOCK_RETRY: Duration = Duration::from_millis(5);
+/// Whether the configured Redis is a cluster.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ClusterMode {
+    /// Ask the first node (`INFO cluster`).
+    Auto,
+    Cluster,
+    Standalone,
+}
 
 /// How to reach Redis. Built by the configuration.
 #[derive(Debug, Clone)]
@@ -46,13 +56,82 @@ pub struct RedisOptions {
     pub connect_timeout: Duration,
     /// PEM certificates to trust for `rediss://` instead of the system's roots.
     pub tls_ca: Option<std::path::PathBuf>,
+    /// One server or a cluster.
+    pub cluster: ClusterMode,
+    /// More seed nodes of a cluster (`redis.urls`), besides `url`. Hold secrets.
+    pub seeds: Vec<String>,
+    /// Replicas a write must reach before it is acknowledged (`WAIT`); 0: no wait.
+    pub wait_replicas: u32,
+    /// Longest wait for them (then 503).
+    pub wait_timeout: Duration,
 }
 
 impl RedisOptions {
+    /// Options for the Redis at `url` with the defaults: 4 connections, 3 start-up retries, 10 s
+    /// replies, 2 s connects, cluster detected, no wait for replicas.
+    pub fn new(url: impl Into<String>, display_address: impl Into<String>) -> RedisOptions {
+        RedisOptions {
+            url: url.into(),
+            display_address: display_address.into(),
+            pool_size: 4,
+            connect_retries: 3,
+            response_timeout: Duration::from_secs(10),
+            connect_timeout: Duration::from_secs(2),
+            tls_ca: None,
+            cluster: ClusterMode::Auto,
+            seeds: Vec::new(),
+            wait_replicas: 0,
+            wait_timeout: Duration::from_secs(1),
+        }
+    }
+
     /// A client for these options (connections open later).
     pub fn client(&self) -> Result<Client, RedisError> {
+        self.client_for(&self.url)
+    }
+
+    /// A client for one node at `url` (a seed, or a node of the cluster) with these options' TLS.
+    fn client_for(&self, url: &str) -> Result<Client, RedisError> {
+        match self.certificates()? {
+            None => Client::open(url),
+            Some(certificates) => Client::build_with_tls(url, certificates),
+        }
+    }
+
+    /// The seed nodes: `url`, then `seeds`.
+    fn seed_urls(&self) -> Vec<String> {
+        let mut urls = vec![self.url.clone()];
+        urls.extend(self.seeds.iter().filter(|seed| **seed != self.url).cloned());
+        urls
+    }
+
+    /// A cluster client over the seed nodes; `response_timeout` `None` for blocking reads.
+    fn cluster_client(
+        &self,
+        response_timeout: Option<Duration>,
+    ) -> Result<redis::cluster::ClusterClient, RedisError> {
+        let mut builder = redis::cluster::ClusterClientBuilder::new(self.seed_urls())
+            .connection_timeout(self.connect_timeout)
+            // A failover takes seconds: commands meanwhile fail fast (503) rather than retry
+            // past the response timeout.
+            .retries(2)
+            .min_retry_wait(50)
+            .max_retry_wait(500);
+        builder = match response_timeout {
+            Some(timeout) => builder
+                .response_timeout(timeout)
+                .overall_response_timeout(Some(timeout)),
+            None => builder.overall_response_timeout(None),
+        };
+        if let Some(certificates) = self.certificates()? {
+            builder = builder.certs(certificates);
+        }
+        builder.build()
+    }
+
+    fn certificates(&self) -> Result<Option<redis::TlsCertificates>, RedisError> {
         let Some(path) = &self.tls_ca else {
-            return Client::open(self.url.as_str());
+            return Ok(None);
         };
         let root_cert = std::fs::read(path).map_err(|error| {
             RedisError::from((
@@ -61,11 +140,10 @@ impl RedisOptions {
                 format!("{}: {error}", path.display()),
             ))
         })?;
-        let certificates = redis::TlsCertificates {
+        Ok(Some(redis::TlsCertificates {
             client_tls: None,
             root_cert: Some(root_cert),
-        };
-        Client::build_with_tls(self.url.as_str(), certificates)
+        }))
     }
 }
 
@@ -200,9 +278,7 @@ pub struct RedisBackend {
 }
 
 struct Inner {
-    pool: Arc<Pool>,
-    batcher: Batcher,
-    blocking: Arc<BlockingConnections>,
+    connections: Connections,
     display_address: String,
     idempotent_append: redis::Script,
     claim_idle: redis::Script,
@@ -221,29 +297,61 @@ impl RedisBackend {
         options: &RedisOptions,
         shutdown: CancellationToken,
     ) -> Result<RedisBackend, RedisError> {
-        let client = options.client()?;
-        let coordination = coordination::Coordination::new(client.clone(), shutdown.clone());
-        let connection_config = AsyncConnectionConfig::new()
-            .set_connection_timeout(Some(options.connect_timeout))
-            .set_response_timeout(Some(options.response_timeout));
-        let blocking = BlockingConnections::new(
-            client.clone(),
-            connection_config.clone(),
-            BLOCKING_CONNECTIONS,
-        );
-        let pool = Pool::connect(
-            client,
-            connection_config,
-            options.pool_size,
-            options.connect_retries,
-            shutdown,
-        )
-        .await?;
+        let wait = (options.wait_replicas > 0).then_some(WaitReplicas {
+            replicas: options.wait_replicas,
+            timeout: options.wait_timeout,
+        });
+        let cluster = match options.cluster {
+            ClusterMode::Cluster => true,
+            ClusterMode::Standalone => false,
+            ClusterMode::Auto => is_cluster(options).await?,
+        };
+        let (connections, subscribers) = match cluster {
+            true => {
+                let connection = connect_cluster(options).await?;
+                let blocking =
+                    ClusterBlocking::new(options.cluster_client(None)?, BLOCKING_CONNECTIONS);
+                let cluster = Cluster {
+                    batcher: Batcher::start(Target::Cluster(connection.clone()), wait),
+                    connection,
+                    blocking,
+                    wait,
+                };
+                // Pub/Sub (the control channel) on any node: PUBLISH reaches every node.
+                let subscribers = cluster_nodes(options, &cluster).await;
+                (Connections::Cluster(cluster), subscribers)
+            }
+            false => {
+                let client = options.client()?;
+                let connection_config = AsyncConnectionConfig::new()
+                    .set_connection_timeout(Some(options.connect_timeout))
+                    .set_response_timeout(Some(options.response_timeout));
+                let blocking = BlockingConnections::new(
+                    client.clone(),
+                    connection_config.clone(),
+                    BLOCKING_CONNECTIONS,
+                );
+                let pool = Pool::connect(
+                    client.clone(),
+                    connection_config,
+                    options.pool_size,
+                    options.connect_retries,
+                    shutdown.clone(),
+                )
+                .await?;
+                let standalone = Standalone {
+                    batcher: Batcher::start(Target::Pool(pool.clone()), wait),
+                    pool,
+                    blocking,
+                    wait,
+                };
+                (Connections::Standalone(standalone), vec![client])
+            }
+        };
+        let coordination = coordination::Coordination::new(subscribers, shutdown);
         Ok(RedisBackend {
             inner: Arc::new(Inner {
-                batcher: Batcher::start(pool.clone()),
-                pool,
-                blocking,
+                connections,
                 display_address: options.display_address.clone(),
                 idempotent_append: redis::Script::new(IDEMPOTENT_APPEND),
                 claim_idle: redis::Script::new(CLAIM_IDLE),
@@ -263,86 +371,70 @@ impl RedisBackend {
         &self.inner.display_address
     }
 
-    /// Resolves once a connection to Redis is up.
-    pub async fn wait_until_up(&self) {
-        self.inner.pool.wait_until_up().await
+    /// Whether this backend talks to a Redis Cluster.
+    pub fn is_cluster(&self) -> bool {
+        self.inner.connections.is_cluster()
     }
 
-    /// One command, sent together with other callers' (see `batch`). Never a blocking one.
+    /// Resolves once Redis answers.
+    pub async fn wait_until_up(&self) {
+        match &self.inner.connections {
+            Connections::Standalone(standalone) => standalone.pool.wait_until_up().await,
+            Connections::Cluster(_) => {
+                while self.ping().await.is_err() {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+
+    /// One command (see `connections`). Never a blocking one.
     async fn query<T: FromRedisValue>(&self, command: Cmd) -> Result<T, BackendError> {
-        let value = self.inner.batcher.query(command).await?;
-        T::from_redis_value(value).map_err(|error| BackendError::Internal(error.to_string()))
+        let value = self.inner.connections.query(command).await?;
+        parse_value(value)
+    }
+
+    /// One command that writes (waits for replicas when configured).
+    async fn write<T: FromRedisValue>(&self, command: Cmd) -> Result<T, BackendError> {
+        let value = self.inner.connections.write(command).await?;
+        parse_value(value)
     }
 
     async fn script<T: FromRedisValue>(
         &self,
         invocation: &redis::ScriptInvocation<'_>,
     ) -> Result<T, BackendError> {
-        let mut lease = self.inner.pool.lease()?;
-        let value: Value = invocation
-            .invoke_async(&mut lease.connection)
-            .await
-            .map_err(|error| lease.fail(error))?;
-        T::from_redis_value(value).map_err(|error| BackendError::Internal(error.to_string()))
+        parse_value(self.inner.connections.script(invocation).await?)
     }
 
-    /// `XREAD … BLOCK` on a dedicated connection. When `interrupt` fires first, the read is cut
-    /// short with `CLIENT UNBLOCK` and its (possibly non-empty) reply is still taken, so nothing
-    /// it returned is lost and the connection is clean for the next caller.
-    async fn blocking_read(
+    /// A script that writes `stream` (waits for replicas when configured).
+    async fn write_script<T: FromRedisValue>(
         &self,
-        command: Cmd,
-        block: Duration,
-        interrupt: impl std::future::Future<Output = ()> + Send,
-    ) -> Result<Value, BackendError> {
-        let mut lease = self.inner.blocking.lease().await?;
-        let (mut connection, client_id) = match &lease.inner {
-            Some(inner) => (inner.connection.clone(), inner.client_id),
-            None => return Err(BackendError::Internal("empty blocking lease".into())),
-        };
-        // Beyond BLOCK, the reply is late: treat the connection as lost.
-        let deadline = block + Duration::from_secs(5);
-        let read = tokio::time::timeout(deadline, command.query_async::<Value>(&mut connection));
-        let mut read = std::pin::pin!(read);
-        let outcome = tokio::select! {
-            outcome = &mut read => outcome,
-            _ = interrupt => loop {
-                // The unblock goes on another connection and may reach Redis before the read it
-                // should cut short (which then blocks for all of BLOCK): until one says it
-                // unblocked the read, or the read returns, send it again.
-                let unblocked: i64 = self
-                    .query(redis::cmd("CLIENT").arg("UNBLOCK").arg(client_id).clone())
-                    .await
-                    .unwrap_or(0);
-                if unblocked == 1 {
-                    break read.await;
-                }
-                if let Ok(outcome) = tokio::time::timeout(UNBLOCK_RETRY, &mut read).await {
-                    break outcome;
-                }
-            },
-        };
-        match outcome {
-            Ok(Ok(value)) => {
-                lease.release();
-                Ok(value)
-            }
-            Ok(Err(error)) => Err(map_error(error)),
-            Err(_) => {
-                lease.inner = None;
-                Err(BackendError::Unavailable(
-                    "a blocking read got no reply".into(),
-                ))
-            }
-        }
+        invocation: &redis::ScriptInvocation<'_>,
+        stream: &StreamName,
+    ) -> Result<T, BackendError> {
+        let value = self
+            .inner
+            .connections
+            .write_script(invocation, stream.as_str().as_bytes())
+            .await?;
+        parse_value(value)
     }
 
     async fn query_pipeline(&self, pipeline: &redis::Pipeline) -> Result<Vec<Value>, BackendError> {
-        let mut lease = self.inner.pool.lease()?;
-        pipeline
-            .query_async(&mut lease.connection)
+        self.inner.connections.pipeline(pipeline).await
+    }
+
+    /// A pipeline that writes `stream` (waits for replicas when configured).
+    async fn write_pipeline(
+        &self,
+        pipeline: &redis::Pipeline,
+        stream: &StreamName,
+    ) -> Result<Vec<Value>, BackendError> {
+        self.inner
+            .connections
+            .write_pipeline(pipeline, stream.as_str().as_bytes())
             .await
-            .map_err(|error| lease.fail(error))
     }
 
     async fn idempotent_append(
@@ -374,11 +466,7 @@ impl RedisBackend {
                 invocation.arg(field.as_ref()).arg(value.as_ref());
             }
         }
-        let mut lease = self.inner.pool.lease()?;
-        let (replayed, joined): (i64, String) = invocation
-            .invoke_async(&mut lease.connection)
-            .await
-            .map_err(|error| lease.fail(error))?;
+        let (replayed, joined): (i64, String) = self.write_script(&invocation, stream).await?;
         let ids = joined
             .split(' ')
             .map(|id| {
@@ -394,14 +482,104 @@ impl RedisBackend {
     }
 }
 
-/// Where the first result of an idempotent append is remembered. Hashed so that any stream name
-/// and key fit, and kept under streamgate's own prefix.
+/// Where the first result of an idempotent append is remembered: in the stream's hash slot, so
+/// the append script can check and write it with the stream on a cluster.
 fn idempotency_record_key(stream: &StreamName, key: &str) -> String {
-    let mut hasher = Sha256::new();
-    hasher.update(stream.as_str().as_bytes());
-    hasher.update([0]);
-    hasher.update(key.as_bytes());
-    format!("streamgate:idempotency:{}", hex::encode(hasher.finalize()))
+    coordination::derived_key(stream, "idempotency", &[key])
+}
+
+fn parse_value<T: FromRedisValue>(value: Value) -> Result<T, BackendError> {
+    T::from_redis_value(value).map_err(|error| BackendError::Internal(error.to_string()))
+}
+
+/// Whether the first seed node reachable says it is part of a cluster (`INFO cluster`).
+async fn is_cluster(options: &RedisOptions) -> Result<bool, RedisError> {
+    let config = AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(options.connect_timeout))
+        .set_response_timeout(Some(options.response_timeout));
+    let mut attempt = 0;
+    loop {
+        let mut last_error = None;
+        for url in options.seed_urls() {
+            let asked = async {
+                let client = options.client_for(&url)?;
+                let mut connection = client
+                    .get_multiplexed_async_connection_with_config(&config)
+                    .await?;
+                redis::cmd("INFO")
+                    .arg("cluster")
+                    .query_async::<String>(&mut connection)
+                    .await
+            };
+            match asked.await {
+                Ok(info) => return Ok(info.contains("cluster_enabled:1")),
+                Err(error) => last_error = Some(error),
+            }
+        }
+        let error = last_error.unwrap_or_else(|| {
+            RedisError::from((redis::ErrorKind::InvalidClientConfig, "no Redis URL"))
+        });
+        if attempt >= options.connect_retries {
+            return Err(error);
+        }
+        let delay = super::backoff_delay(attempt);
+        tracing::warn!(%error, attempt = attempt + 1, ?delay, "cannot connect to Redis yet, retrying");
+        attempt += 1;
+        tokio::time::sleep(delay).await;
+    }
+}
+
+/// The command connection to a cluster, retried like a single server's first connection.
+async fn connect_cluster(
+    options: &RedisOptions,
+) -> Result<redis::cluster_async::ClusterConnection, RedisError> {
+    let client = options.cluster_client(Some(options.response_timeout))?;
+    let mut attempt = 0;
+    loop {
+        match client.get_async_connection().await {
+            Ok(connection) => return Ok(connection),
+            Err(error) if attempt < options.connect_retries => {
+                let delay = super::backoff_delay(attempt);
+                tracing::warn!(%error, attempt = attempt + 1, ?delay, "cannot connect to the Redis Cluster yet, retrying");
+                attempt += 1;
+                tokio::time::sleep(delay).await;
+            }
+            Err(error) => return Err(error),
+        }
+    }
+}
+
+/// Clients for every node of the cluster (the seeds when the node list cannot be read), with the
+/// seeds' scheme, credentials and TLS.
+async fn cluster_nodes(options: &RedisOptions, cluster: &Cluster) -> Vec<Client> {
+    let mut urls = options.seed_urls();
+    let mut command = redis::cmd("CLUSTER");
+    command.arg("NODES");
+    let nodes = cluster
+        .connection
+        .clone()
+        .req_packed_command(&command)
+        .await;
+    if let Ok(text) = nodes.map_err(map_error).and_then(parse_value::<String>) {
+        for line in text.lines() {
+            let Some(address) = line.split_whitespace().nth(1) else {
+                continue;
+            };
+            let address = address.split('@').next().unwrap_or(address);
+            if let Ok(mut url) = url::Url::parse(&options.url)
+                && let Some((host, port)) = address.rsplit_once(':')
+                && let Ok(port) = port.parse::<u16>()
+                && url.set_host(Some(host)).is_ok()
+                && url.set_port(Some(port)).is_ok()
+            {
+                urls.push(url.to_string());
+            }
+        }
+    }
+    urls.dedup();
+    urls.iter()
+        .filter_map(|url| options.client_for(url).ok())
+        .collect()
 }
 
 /// The `MINID` below which entries are older than `max_age`.
@@ -426,8 +604,12 @@ pub(super) fn map_error(error: RedisError) -> BackendError {
             | ServerErrorKind::TryAgain
             | ServerErrorKind::MasterDown
             | ServerErrorKind::ClusterDown
-            | ServerErrorKind::ReadOnly,
-        ) => BackendError::Unavailable(error.to_string()),
+            | ServerErrorKind::ReadOnly
+            // A slot moved (a failover or resharding) and was not followed yet.
+            | ServerErrorKind::Moved
+            | ServerErrorKind::Ask,
+        )
+        | ErrorKind::ClusterConnectionNotFound => BackendError::Unavailable(error.to_string()),
         _ => match server_error_code(&error).as_deref() {
             Some("WRONGTYPE") => BackendError::WrongType,
             Some("NOGROUP") => BackendError::GroupNotFound,
@@ -442,6 +624,35 @@ pub(super) fn map_error(error: RedisError) -> BackendError {
             _ => BackendError::Internal(error.to_string()),
         },
     }
+}
+
+/// `XREAD` of `cursors` (all in one hash slot on a cluster).
+fn xread(cursors: &[(StreamName, EntryId)], count: usize, block: Option<Duration>) -> Cmd {
+    let mut command = redis::cmd("XREAD");
+    command.arg("COUNT").arg(count.max(1));
+    if let Some(block) = block {
+        command.arg("BLOCK").arg(block.as_millis().max(1) as u64);
+    }
+    command.arg("STREAMS");
+    for (stream, _) in cursors {
+        command.arg(stream.as_str());
+    }
+    for (_, after) in cursors {
+        command.arg(after.to_string());
+    }
+    command
+}
+
+/// One `SCAN` step over stream keys.
+fn scan(cursor: u64) -> Cmd {
+    let mut command = redis::cmd("SCAN");
+    command
+        .arg(cursor)
+        .arg("COUNT")
+        .arg(1000)
+        .arg("TYPE")
+        .arg("stream");
+    command
 }
 
 /// `XADD` of one entry, trimming as `retention` says.
@@ -503,13 +714,42 @@ fn is_no_such_key(error: &RedisError) -> bool {
 }
 
 impl Backend for RedisBackend {
+    fn dead_letter_stream(&self, stream: &StreamName) -> StreamName {
+        let plain = stream.dead_letter();
+        if !self.is_cluster()
+            || connections::slot_of(plain.as_str().as_bytes())
+                == connections::slot_of(stream.as_str().as_bytes())
+        {
+            return plain;
+        }
+        let tag = coordination::hash_tag_for(stream.as_str());
+        let name = if tag == stream.as_str() {
+            format!("{{{}}}:dlq", stream.as_str())
+        } else {
+            format!("{{{tag}}}{}:dlq", stream.as_str())
+        };
+        StreamName::from_backend(name)
+    }
+
     async fn ping(&self) -> Result<(), BackendError> {
         let _: Value = self.query(redis::cmd("PING")).await?;
         Ok(())
     }
 
     async fn server_info(&self) -> Result<String, BackendError> {
-        self.query(redis::cmd("INFO")).await
+        let replies = self
+            .inner
+            .connections
+            .on_every_master(redis::cmd("INFO"))
+            .await?;
+        let mut text = String::new();
+        for (node, reply) in replies {
+            if !node.is_empty() {
+                text.push_str(&format!("# Node {node}\r\n"));
+            }
+            text.push_str(&parse_value::<String>(reply)?);
+        }
+        Ok(text)
     }
 
     async fn append(
@@ -529,7 +769,7 @@ impl Backend for RedisBackend {
             + usize::from(retention.idle_ttl.is_some());
         if let ([entry], 1) = (request.entries.as_slice(), n_commands) {
             // The usual publish: one XADD, batched with other callers' commands.
-            let id = self.query(xadd(stream, retention, min_id, entry)).await?;
+            let id = self.write(xadd(stream, retention, min_id, entry)).await?;
             return Ok(AppendOutcome {
                 ids: vec![parse::entry_id(id)?],
                 replayed: false,
@@ -557,7 +797,7 @@ impl Backend for RedisBackend {
                 .arg(idle_ttl.as_millis() as u64)
                 .ignore();
         }
-        let replies = self.query_pipeline(&pipeline).await?;
+        let replies = self.write_pipeline(&pipeline, stream).await?;
         let ids = replies
             .into_iter()
             .map(parse::entry_id)
@@ -598,24 +838,27 @@ impl Backend for RedisBackend {
 
     async fn list_streams(&self) -> Result<Vec<StreamName>, BackendError> {
         let mut names = Vec::new();
-        let mut cursor = 0u64;
-        loop {
-            let (next, batch): (u64, Vec<String>) = self
-                .query(
-                    redis::cmd("SCAN")
-                        .arg(cursor)
-                        .arg("COUNT")
-                        .arg(1000)
-                        .arg("TYPE")
-                        .arg("stream")
-                        .clone(),
-                )
-                .await?;
-            names.extend(batch.into_iter().map(StreamName::from_backend));
-            if next == 0 {
-                break;
+        // On a cluster, every master's keys.
+        let mut cursors: Vec<(String, u64)> = self
+            .inner
+            .connections
+            .on_every_master(scan(0))
+            .await?
+            .into_iter()
+            .map(|(node, reply)| {
+                let (next, batch): (u64, Vec<String>) = parse_value(reply)?;
+                names.extend(batch.into_iter().map(StreamName::from_backend));
+                Ok((node, next))
+            })
+            .collect::<Result<_, BackendError>>()?;
+        cursors.retain(|(_, next)| *next != 0);
+        for (node, mut cursor) in cursors {
+            while cursor != 0 {
+                let reply = self.inner.connections.on_node(&node, scan(cursor)).await?;
+                let (next, batch): (u64, Vec<String>) = parse_value(reply)?;
+                names.extend(batch.into_iter().map(StreamName::from_backend));
+                cursor = next;
             }
-            cursor = next;
         }
         names.sort();
         names.dedup();
@@ -657,23 +900,40 @@ impl Backend for RedisBackend {
         if cursors.is_empty() {
             return Ok(Vec::new());
         }
-        let mut command = redis::cmd("XREAD");
-        command.arg("COUNT").arg(count.max(1));
-        if let Some(block) = block {
-            command.arg("BLOCK").arg(block.as_millis().max(1) as u64);
-        }
-        command.arg("STREAMS");
-        for (stream, _) in cursors {
-            command.arg(stream.as_str());
-        }
-        for (_, after) in cursors {
-            command.arg(after.to_string());
-        }
-        let reply = match block {
-            Some(block) => self.blocking_read(command, block, interrupt).await?,
-            None => self.query(command).await?,
+        let groups = self
+            .inner
+            .connections
+            .by_slot(cursors.to_vec(), |(stream, _)| stream.as_str().as_bytes());
+        let replies = match block {
+            Some(block) => {
+                let commands = groups
+                    .iter()
+                    .map(|group| {
+                        let key = group[0].0.as_str().as_bytes().to_vec();
+                        (
+                            key,
+                            xread(group, count, Some(block)),
+                            xread(group, count, None),
+                        )
+                    })
+                    .collect();
+                self.inner
+                    .connections
+                    .blocking_reads(commands, block, interrupt)
+                    .await?
+            }
+            None => {
+                let reads = groups
+                    .iter()
+                    .map(|group| self.inner.connections.query(xread(group, count, None)));
+                futures_util::future::try_join_all(reads).await?
+            }
         };
-        parse::streams(reply)
+        let mut streams = Vec::new();
+        for reply in replies {
+            streams.extend(parse::streams(reply)?);
+        }
+        Ok(streams)
     }
 
     async fn delete_entries(
@@ -720,14 +980,10 @@ impl Backend for RedisBackend {
             .arg("CREATE")
             .arg(group.as_str())
             .arg(group_start(start));
-        let mut lease = self.inner.pool.lease()?;
-        match invocation
-            .invoke_async::<Value>(&mut lease.connection)
-            .await
-        {
+        match self.write_script::<Value>(&invocation, stream).await {
             Ok(_) => Ok(true),
-            Err(error) if server_error_code(&error).as_deref() == Some("BUSYGROUP") => Ok(false),
-            Err(error) => Err(lease.fail(error)),
+            Err(BackendError::Internal(message)) if message.contains("BUSYGROUP") => Ok(false),
+            Err(error) => Err(error),
         }
     }
 
@@ -741,7 +997,7 @@ impl Backend for RedisBackend {
             .arg(stream.as_str())
             .arg(group.as_str())
             .clone();
-        match self.query::<i64>(command).await.map_err(group_error) {
+        match self.write::<i64>(command).await.map_err(group_error) {
             Ok(destroyed) => Ok(destroyed == 1),
             Err(BackendError::GroupNotFound) => Ok(false),
             Err(error) => Err(error),
@@ -759,7 +1015,7 @@ impl Backend for RedisBackend {
             .arg("SETID")
             .arg(group.as_str())
             .arg(group_start(start));
-        self.script::<Value>(&invocation)
+        self.write_script::<Value>(&invocation, stream)
             .await
             .map_err(group_error)?;
         Ok(())
@@ -849,14 +1105,14 @@ impl Backend for RedisBackend {
             for id in ids {
                 invocation.arg(id.to_string());
             }
-            return self.script(&invocation).await;
+            return self.write_script(&invocation, stream).await;
         }
         let mut command = redis::cmd("XACK");
         command.arg(stream.as_str()).arg(group.as_str());
         for id in ids {
             command.arg(id.to_string());
         }
-        self.query(command).await
+        self.write(command).await
     }
 
     async fn claim_idle(
@@ -967,7 +1223,7 @@ impl Backend for RedisBackend {
             .arg(group.as_str())
             .arg(id.to_string())
             .ignore();
-        let replies = self.query_pipeline(&pipeline).await?;
+        let replies = self.write_pipeline(&pipeline, stream).await?;
         parse::entry_id(replies.into_iter().next().unwrap_or(Value::Nil))
     }
 

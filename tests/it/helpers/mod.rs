@@ -3,6 +3,7 @@
 
 pub mod gateway;
 pub mod process;
+pub mod redis_cluster;
 pub mod redis_server;
 pub mod sse;
 
@@ -16,6 +17,7 @@ use tokio_util::sync::CancellationToken;
 use streamgate::backend::embedded::{DiskOptions, EmbeddedBackend, FsyncPolicy};
 use streamgate::config::{Config, Flags, Sources};
 
+pub use self::redis_cluster::RedisCluster;
 pub use self::redis_server::RedisServer;
 
 /// Longest a plain (not streaming) test request may take: a hang is a failure, not a stuck run.
@@ -30,6 +32,10 @@ pub enum Backend {
     Redis(RedisServer),
     /// A Redis another test app (or the test) owns: `redis://…` or `rediss://…`.
     RedisAt(String),
+    /// A Redis Cluster of this app's own.
+    Cluster(RedisCluster),
+    /// A Redis Cluster another test app (or the test) owns: its node URLs.
+    ClusterAt(Vec<String>),
 }
 
 /// A running streamgate (in this process) and the backend it uses.
@@ -39,6 +45,7 @@ pub struct TestApp {
     pub scheme: &'static str,
     pub client: Client,
     pub redis: Option<RedisServer>,
+    pub cluster: Option<RedisCluster>,
     shutdown: CancellationToken,
     _config_dir: tempfile::TempDir,
 }
@@ -51,6 +58,12 @@ pub fn embedded_on_disk(dir: &std::path::Path) -> EmbeddedBackend {
         cache_size: 8 << 20,
     };
     EmbeddedBackend::open(&options, CancellationToken::new()).expect("open the data directory")
+}
+
+/// The configuration of a cluster's seed nodes (`redis.cluster` detected).
+fn cluster_toml(urls: &[String]) -> String {
+    let quoted: Vec<String> = urls.iter().map(|url| format!("{url:?}")).collect();
+    format!("redis.urls = [{}]\n", quoted.join(", "))
 }
 
 /// Builds a configuration from TOML text written to a file in `dir`.
@@ -74,6 +87,20 @@ impl TestApp {
         Some(TestApp::spawn(Backend::Redis(redis), extra_toml).await)
     }
 
+    /// A streamgate on its own Redis Cluster (three masters, no replicas), or `None` when Redis
+    /// tests are skipped.
+    pub async fn on_cluster(extra_toml: &str) -> Option<TestApp> {
+        TestApp::on_cluster_with_replicas(0, extra_toml).await
+    }
+
+    /// A streamgate on its own Redis Cluster of three masters with `replicas` replicas each.
+    pub async fn on_cluster_with_replicas(replicas: usize, extra_toml: &str) -> Option<TestApp> {
+        let cluster = tokio::task::spawn_blocking(move || RedisCluster::start(replicas))
+            .await
+            .expect("start the cluster")?;
+        Some(TestApp::spawn(Backend::Cluster(cluster), extra_toml).await)
+    }
+
     /// A streamgate on the embedded engine.
     pub async fn on_embedded(extra_toml: &str) -> TestApp {
         TestApp::spawn(Backend::Embedded, extra_toml).await
@@ -83,20 +110,23 @@ impl TestApp {
     /// embedded engine keeps its data in the app's temporary directory.
     pub async fn spawn(backend: Backend, extra_toml: &str) -> TestApp {
         let config_dir = tempfile::tempdir().expect("tempdir");
-        let (backend_toml, redis) = match backend {
+        let (backend_toml, redis, cluster) = match backend {
             Backend::Embedded => (
                 format!(
                     "backend = \"embedded\"\nstorage.path = {:?}\n",
                     config_dir.path().join("data")
                 ),
                 None,
+                None,
             ),
-            Backend::RedisAt(url) => (format!("redis.url = \"{url}\"\n"), None),
-
+            Backend::RedisAt(url) => (format!("redis.url = \"{url}\"\n"), None, None),
             Backend::Redis(redis) => (
                 format!("redis_address = \"{}\"\n", redis.address()),
                 Some(redis),
+                None,
             ),
+            Backend::ClusterAt(urls) => (cluster_toml(&urls), None, None),
+            Backend::Cluster(cluster) => (cluster_toml(&cluster.urls()), None, Some(cluster)),
         };
         let text = format!(
             "bearer_token = \"{TOKEN}\"\nshutdown_timeout = \"5s\"\n{backend_toml}{extra_toml}\n"
@@ -130,6 +160,7 @@ impl TestApp {
             scheme,
             client: client.build().expect("client"),
             redis,
+            cluster,
             shutdown,
             _config_dir: config_dir,
         };
@@ -159,6 +190,14 @@ impl TestApp {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         panic!("no probe finished within 5 s");
+    }
+
+    /// The dead-letter stream of `stream` (on a cluster, named into the stream's hash slot).
+    pub fn dead_letter_of(&self, stream: &str) -> String {
+        match &self.cluster {
+            Some(_) => format!("{{{stream}}}:dlq"),
+            None => format!("{stream}:dlq"),
+        }
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -215,6 +254,19 @@ impl TestApp {
     /// The test's redis-server (panics on the embedded backend).
     pub fn redis(&self) -> &RedisServer {
         self.redis.as_ref().expect("this test app runs on Redis")
+    }
+
+    /// The test's Redis Cluster (panics on other backends).
+    pub fn cluster(&self) -> &RedisCluster {
+        self.cluster
+            .as_ref()
+            .expect("this test app runs on a Redis Cluster")
+    }
+
+    pub fn cluster_mut(&mut self) -> &mut RedisCluster {
+        self.cluster
+            .as_mut()
+            .expect("this test app runs on a Redis Cluster")
     }
 
     pub fn redis_mut(&mut self) -> &mut RedisServer {

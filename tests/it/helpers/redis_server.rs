@@ -18,7 +18,7 @@ pub struct RedisServer {
     extra_args: Vec<String>,
 }
 
-fn redis_server_binary() -> Option<PathBuf> {
+pub fn redis_server_binary() -> Option<PathBuf> {
     let candidates = ["/usr/bin/redis-server", "/usr/local/bin/redis-server"];
     candidates
         .iter()
@@ -32,6 +32,19 @@ fn redis_server_binary() -> Option<PathBuf> {
             let path = String::from_utf8(output.stdout).ok()?.trim().to_owned();
             (!path.is_empty()).then(|| PathBuf::from(path))
         })
+}
+
+/// `None`, with a loud message, when `what` is missing on a developer machine; a panic where
+/// Redis tests are required (CI).
+pub fn require_or_skip<T>(what: &str) -> Option<T> {
+    if std::env::var_os(REQUIRE_REDIS).is_some() {
+        panic!("{what} is not installed but {REQUIRE_REDIS} is set: Redis tests must run");
+    }
+    eprintln!(
+        "\n!!!!!!!! SKIPPING A REDIS TEST: {what} is not installed. Install it \
+         (apt-get install redis-server) to run the Redis half of the suite. !!!!!!!!\n"
+    );
+    None
 }
 
 pub fn free_port() -> u16 {
@@ -51,16 +64,7 @@ impl RedisServer {
     /// Like `start`, with more `redis-server` arguments (TLS, durability).
     pub fn start_with(extra_args: &[String]) -> Option<RedisServer> {
         if redis_server_binary().is_none() {
-            if std::env::var_os(REQUIRE_REDIS).is_some() {
-                panic!(
-                    "redis-server is not installed but {REQUIRE_REDIS} is set: Redis tests must run"
-                );
-            }
-            eprintln!(
-                "\n!!!!!!!! SKIPPING A REDIS TEST: redis-server is not installed. Install it \
-                 (apt-get install redis-server) to run the Redis half of the suite. !!!!!!!!\n"
-            );
-            return None;
+            return require_or_skip("redis-server");
         }
         let mut server = RedisServer {
             port: 0,
