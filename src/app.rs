@@ -44,22 +44,13 @@ pub async fn run(
     print_banner(&config, &backend, local_address);
 
     let metrics = Arc::new(Metrics::new());
-    if let (false, Some(redis)) = (config.pubsub.patterns.is_empty(), &config.redis) {
-        if let AnyBackend::Redis(backend) = &backend
-            && backend.is_cluster()
-        {
-            anyhow::bail!(
-                "the Pub/Sub bridge (pubsub.patterns) does not run on a Redis Cluster yet: \
-                 remove pubsub.patterns, or point it at a single Redis server"
-            );
-        }
+    if let (false, AnyBackend::Redis(redis)) = (config.pubsub.patterns.is_empty(), &backend) {
         bridge::start(
-            &redis.options,
+            redis,
             config.pubsub.clone(),
             metrics.clone(),
             shutdown.clone(),
-        )
-        .context("starting the Pub/Sub bridge")?;
+        );
     }
     let delivery = Delivery::start(
         backend.clone(),

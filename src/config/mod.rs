@@ -952,6 +952,13 @@ fn read_backend(r: &mut Reader) -> (BackendKind, Option<RedisSettings>) {
     let seeds = r.string_list("redis.urls").unwrap_or_default();
     let wait_replicas = r.integer("redis.wait_replicas", 0..=16).unwrap_or(0) as u32;
     let wait_timeout = positive(r, "redis.wait_timeout").unwrap_or(Duration::from_secs(1));
+    if wait_replicas > 0 && wait_timeout >= response_timeout {
+        // A write waits for its WAIT within the reply's own time limit.
+        r.error(
+            "redis.wait_timeout",
+            "must be shorter than redis.response_timeout when redis.wait_replicas is set",
+        );
+    }
     let url = url.or_else(|| seeds.first().cloned());
     let redis_configured = url.is_some() || address.is_some();
     let kind = match r.string("backend").as_deref() {

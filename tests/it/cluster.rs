@@ -179,6 +179,21 @@ async fn publishers_and_consumers_carry_on_through_a_master_failover() {
         .iter()
         .map(|stream| publisher(other.clone(), stream.to_string(), stop.clone()))
         .collect();
+    // Readiness, watched on the publishers' instance throughout.
+    let readiness = {
+        let (other, stop) = (other.clone(), stop.clone());
+        tokio::spawn(async move {
+            let mut seen = Vec::new();
+            while !stop.load(Ordering::Relaxed) {
+                let status = other.get("/health/ready").await.status().as_u16();
+                if seen.last() != Some(&status) {
+                    seen.push(status);
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            seen
+        })
+    };
     tokio::time::sleep(Duration::from_millis(500)).await;
 
     let cluster = app.cluster_mut();
@@ -216,6 +231,11 @@ async fn publishers_and_consumers_carry_on_through_a_master_failover() {
         }
     }
     eprintln!("failover: {unavailable} publishes answered 503 meanwhile");
+    let readiness = readiness.await.unwrap();
+    assert!(
+        readiness.contains(&503) && readiness.last() == Some(&200),
+        "readiness went {readiness:?}: not ready during the failover, ready after"
+    );
 
     // With redis.wait_replicas = 1, every acknowledged publish survived the failover.
     let kept: HashSet<String> = app
@@ -277,4 +297,75 @@ async fn with_a_frozen_replica_a_publish_answers_503_within_the_wait_timeout() {
     );
     // Replicated again, publishes are acknowledged.
     app.publish("frozen", json!(2)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_pubsub_bridge_stores_each_message_once_on_a_cluster() {
+    const BRIDGE: &str = "[pubsub]\npatterns = [\"*\"]\n";
+    let Some(first) = TestApp::on_cluster(BRIDGE).await else {
+        return;
+    };
+    let second = TestApp::spawn(Backend::ClusterAt(first.cluster().urls()), BRIDGE).await;
+    let mut client = first.subscribe("/sse/connect?channel_id=warmup", &[]).await;
+    // PUBLISH on one node reaches subscribers on every node.
+    let node = first.cluster().masters()[0];
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let _: Option<i64> = first.cluster().node_cmd(node, &["PUBLISH", "warmup", "0"]);
+        if client
+            .next_event(Duration::from_millis(200))
+            .await
+            .is_some()
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the bridge never stored a message"
+        );
+    }
+    // Channels whose streams live on different masters, interleaved.
+    let channels = ["orders", "invoices", "alerts", "users"];
+    for n in 0..40 {
+        let channel = channels[n % channels.len()];
+        let _: Option<i64> = first
+            .cluster()
+            .node_cmd(node, &["PUBLISH", channel, &n.to_string()]);
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for (index, channel) in channels.iter().enumerate() {
+        let page = json(
+            first
+                .get(&format!("/api/streams/sse:stream:{channel}/messages"))
+                .await,
+        )
+        .await;
+        let stored: Vec<Value> = page["messages"]
+            .as_array()
+            .unwrap_or_else(|| panic!("sse:stream:{channel}: {page}"))
+            .iter()
+            .map(|message| message["body"].clone())
+            .collect();
+        let expected: Vec<Value> = (0..40)
+            .filter(|n| n % channels.len() == index)
+            .map(|n| json!(n))
+            .collect();
+        assert_eq!(stored, expected, "{channel}: each message once, in order");
+    }
+    let holding = first
+        .cluster()
+        .masters()
+        .into_iter()
+        .filter(|master| {
+            first
+                .cluster()
+                .node_cmd::<Vec<String>>(*master, &["KEYS", "sse:stream:*"])
+                .is_some_and(|keys| !keys.is_empty())
+        })
+        .count();
+    assert!(
+        holding >= 2,
+        "the streams are spread over {holding} master(s)"
+    );
+    drop(second);
 }

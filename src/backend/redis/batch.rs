@@ -171,23 +171,23 @@ async fn send_to_pool(pool: &Pool, wait: Option<WaitReplicas>, batch: Vec<Job>) 
     }
 }
 
-/// A cluster: one pipeline per hash slot, sent together.
+/// A cluster: one pipeline per key, sent together. Per key, not per slot: a pipeline of
+/// several keys could be redirected for some of them only (a slot being migrated), and then
+/// neither re-sending it nor not re-sending it is right.
 async fn send_to_cluster(
     connection: &ClusterConnection,
     wait: Option<WaitReplicas>,
     batch: Vec<Job>,
 ) {
-    let mut by_slot: Vec<(Route, Vec<Job>)> = Vec::new();
+    let mut by_key: Vec<(Vec<u8>, Vec<Job>)> = Vec::new();
     let mut unrouted = Vec::new();
     for job in batch {
-        match key_of(&job.command) {
-            Some(key) => {
-                let route = Route::with_key(key, SlotAddr::Master);
-                match by_slot.iter_mut().find(|(known, _)| *known == route) {
-                    Some((_, jobs)) => jobs.push(job),
-                    None => by_slot.push((route, vec![job])),
-                }
-            }
+        match key_of(&job.command).map(<[u8]>::to_vec) {
+            Some(key) => match by_key.iter_mut().find(|(known, _)| *known == key) {
+                Some((_, jobs)) => jobs.push(job),
+                None => by_key.push((key, vec![job])),
+            },
+            // Only commands that write nothing go here (see `key_of`).
             None => unrouted.push(job),
         }
     }
@@ -198,12 +198,13 @@ async fn send_to_cluster(
                 .map_err(map_error);
         let _ = job.reply.send(reply);
     });
-    let slots = by_slot
-        .into_iter()
-        .map(|(route, jobs)| send_to_slot(connection, route, wait, jobs));
+    let keys = by_key.into_iter().map(|(key, jobs)| {
+        let route = Route::with_key(&key, SlotAddr::Master);
+        send_to_slot(connection, route, wait, jobs)
+    });
     futures_util::future::join(
         futures_util::future::join_all(alone),
-        futures_util::future::join_all(slots),
+        futures_util::future::join_all(keys),
     )
     .await;
 }
@@ -272,22 +273,36 @@ async fn send_to_slot(
 /// `None` for any other command (sent alone; redis-rs routes it). redis-rs keeps its own routing
 /// table private, hence this short one.
 fn key_of(command: &Cmd) -> Option<&[u8]> {
-    let mut args = command.args_iter().map(|arg| match arg {
-        redis::Arg::Simple(bytes) => Some(bytes),
-        _ => None,
-    });
-    let name = args.next()??.to_ascii_uppercase();
+    let args: Vec<&[u8]> = command
+        .args_iter()
+        .map(|arg| match arg {
+            redis::Arg::Simple(bytes) => Some(bytes),
+            _ => None,
+        })
+        .collect::<Option<_>>()?;
+    let name = args.first()?.to_ascii_uppercase();
     match name.as_slice() {
         b"XADD" | b"XACK" | b"XDEL" | b"XTRIM" | b"XLEN" | b"XRANGE" | b"XREVRANGE"
         | b"XPENDING" | b"XCLAIM" | b"HSET" | b"HMGET" | b"HGETALL" | b"HDEL" | b"TYPE" => {
-            args.next()?
+            args.get(1).copied()
         }
-        b"XREAD" | b"XREADGROUP" => {
-            args.find(|arg| arg.is_some_and(|arg| arg.eq_ignore_ascii_case(b"STREAMS")))?;
-            args.next()?
-        }
+        // XGROUP DESTROY key group, XINFO GROUPS key.
+        b"XGROUP" | b"XINFO" => args.get(2).copied(),
+        // XREADGROUP GROUP g c [COUNT n] [BLOCK ms] [NOACK] STREAMS key…: the keyword is looked
+        // for after the group and consumer names (which may be "streams" themselves).
+        b"XREADGROUP" => after_streams(&args, 4),
+        b"XREAD" => after_streams(&args, 1),
         _ => None,
     }
+}
+
+/// The argument after `STREAMS`, looking from `from`.
+fn after_streams<'a>(args: &[&'a [u8]], from: usize) -> Option<&'a [u8]> {
+    let at = args
+        .iter()
+        .skip(from)
+        .position(|arg| arg.eq_ignore_ascii_case(b"STREAMS"))?;
+    args.get(from + at + 1).copied()
 }
 
 /// Answers every caller of a batch with the same error.

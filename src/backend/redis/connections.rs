@@ -88,14 +88,6 @@ pub struct Cluster {
     pub wait: Option<WaitReplicas>,
 }
 
-/// The master that serves `key`'s slot.
-fn route_of(key: &[u8]) -> RoutingInfo {
-    RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::with_key(
-        key,
-        SlotAddr::Master,
-    )))
-}
-
 fn slot_route(slot: u16) -> RoutingInfo {
     RoutingInfo::SingleNode(SingleNodeRoutingInfo::SpecificNode(Route::new(
         slot,
@@ -426,15 +418,27 @@ impl Cluster {
             .map_err(map_error)
     }
 
-    /// `WAIT` on the connection to `key`'s master, the one that carried the write.
+    /// `WAIT` on the connection to `key`'s master, the one that carried the write (a script or
+    /// a transaction: those cannot share a pipeline with it here). It goes in a pipeline behind
+    /// a read of `key`, so that it counts only if it reached the node serving the key: a
+    /// redirect or an error means the write's fate is unknown, answered as 503.
     async fn wait_on(&self, key: &[u8], wait: WaitReplicas) -> Result<(), BackendError> {
-        let reply = self
+        let mut pipeline = redis::pipe();
+        pipeline.cmd("EXISTS").arg(key);
+        pipeline.add_command(wait.command());
+        let route = SingleNodeRoutingInfo::SpecificNode(Route::with_key(key, SlotAddr::Master));
+        let replies = self
             .connection
             .clone()
-            .route_command(wait.command(), route_of(key))
+            .route_pipeline(pipeline, 0, 2, route)
             .await
             .map_err(map_error)?;
-        wait.check(&reply)
+        match replies.as_slice() {
+            [Value::Int(_), reply] => wait.check(reply),
+            _ => Err(BackendError::Unavailable(
+                "the write's replication could not be confirmed (the key's node changed)".into(),
+            )),
+        }
     }
 
     /// The masters that serve slots, from `CLUSTER NODES` (asked of any node).
@@ -589,10 +593,10 @@ async fn unblock_on(cluster: &Cluster, slot: u16, client_id: i64) {
 
 /// A single-slot pipeline on a cluster, to `route` (else where its first key lives).
 ///
-/// redis-rs follows MOVED for single commands only: a pipeline whose slot moved (after a
-/// failover) is answered with MOVED until something refreshes the slot map. Then one keyed
-/// command to that slot is sent (redis-rs follows its MOVED and rebuilds the map), and the
-/// pipeline is sent again (a command refused with MOVED did not run).
+/// A pipeline whose slot moved (after a failover) can come back with every command refused
+/// with MOVED when redis-rs has given up following it. Then one keyed command to that slot is
+/// sent (redis-rs follows its MOVED and rebuilds the map), and the
+/// pipeline is sent again — only when every command was refused (none ran).
 pub(super) async fn routed_pipeline(
     connection: &ClusterConnection,
     pipeline: &Pipeline,
@@ -610,8 +614,12 @@ pub(super) async fn routed_pipeline(
             None => pipeline.query_async(&mut connection.clone()).await,
         };
         let moved = match &outcome {
+            // Re-sent only when nothing ran: every reply a redirection.
+            Ok(values) if !values.iter().all(is_redirect) => None,
             Ok(values) => values.iter().find_map(|value| match value {
-                Value::ServerError(error) => moved_slot(&format!("{error:?}")),
+                Value::ServerError(error) if matches!(error.code(), "MOVED" | "ASK") => {
+                    error.details().and_then(moved_slot_number)
+                }
                 _ => None,
             }),
             Err(error) => moved_slot(&error.to_string()),
@@ -628,6 +636,15 @@ pub(super) async fn routed_pipeline(
             _ => return outcome,
         }
     }
+}
+
+fn is_redirect(value: &Value) -> bool {
+    matches!(value, Value::ServerError(error) if matches!(error.code(), "MOVED" | "ASK"))
+}
+
+/// The slot at the start of a redirection's details (`3999 127.0.0.1:7002`).
+fn moved_slot_number(details: &str) -> Option<u16> {
+    details.split_whitespace().next()?.parse().ok()
 }
 
 /// The slot of a MOVED (or ASK) redirection in an error's text.
@@ -746,11 +763,14 @@ impl ClusterBlockingLease {
         }
         let mut command = redis::cmd("CLIENT");
         command.arg("ID");
-        let reply = self
-            .connection
-            .route_command(command, slot_route(slot))
-            .await
-            .map_err(map_error)?;
+        // This connection has no response timeout (it blocks): bound the wait here.
+        let reply = tokio::time::timeout(
+            LATE,
+            self.connection.route_command(command, slot_route(slot)),
+        )
+        .await
+        .map_err(|_| BackendError::Unavailable("no reply to CLIENT ID".into()))?
+        .map_err(map_error)?;
         let id = i64::from_redis_value(reply)
             .map_err(|error| BackendError::Internal(error.to_string()))?;
         self.client_ids.insert(slot, id);

@@ -92,6 +92,10 @@ pub(super) struct Coordination {
 }
 
 impl Coordination {
+    pub(super) fn subscribers(&self) -> Vec<Client> {
+        self.subscribers.clone()
+    }
+
     pub(super) fn new(subscribers: Vec<Client>, shutdown: CancellationToken) -> Coordination {
         Coordination {
             acquire_lease: redis::Script::new(ACQUIRE_LEASE),

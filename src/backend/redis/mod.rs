@@ -371,6 +371,20 @@ impl RedisBackend {
         &self.inner.display_address
     }
 
+    /// A Lua script whose keys all live in one hash slot (for the Pub/Sub bridge).
+    pub(crate) async fn run_script<T: FromRedisValue>(
+        &self,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, BackendError> {
+        self.script(invocation).await
+    }
+
+    /// Clients for the nodes Pub/Sub may subscribe on, to be tried in turn (one server: it; a
+    /// cluster: every node, as each hears every PUBLISH).
+    pub(crate) fn subscribers(&self) -> Vec<Client> {
+        self.inner.coordination.subscribers()
+    }
+
     /// Whether this backend talks to a Redis Cluster.
     pub fn is_cluster(&self) -> bool {
         self.inner.connections.is_cluster()
