@@ -369,3 +369,48 @@ async fn the_pubsub_bridge_stores_each_message_once_on_a_cluster() {
     );
     drop(second);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_replicas_works_on_one_redis_server_with_a_replica() {
+    let Some(master) = crate::helpers::RedisServer::start() else {
+        return;
+    };
+    let port = master.port.to_string();
+    let Some(mut replica) =
+        crate::helpers::RedisServer::start_with(&["--replicaof".into(), "127.0.0.1".into(), port])
+    else {
+        return;
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !master
+        .cmd::<String>(&["INFO", "replication"])
+        .contains("state=online")
+    {
+        assert!(Instant::now() < deadline, "the replica did not sync");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let app = TestApp::spawn(
+        Backend::RedisAt(master.url()),
+        "redis.wait_replicas = 1\nredis.wait_timeout = \"500ms\"\n",
+    )
+    .await;
+    // A single publish (batched with WAIT) and a batch (a transaction, then WAIT).
+    app.publish("replicated", json!(1)).await;
+    let batch = app
+        .post_json(
+            "/api/streams/replicated/messages/batch",
+            &json!({ "messages": [2, 3] }),
+        )
+        .await;
+    assert_eq!(batch.status(), 201);
+    let on_replica: i64 = replica.cmd(&["XLEN", "replicated"]);
+    assert_eq!(on_replica, 3, "acknowledged means the replica has it");
+
+    replica.stop();
+    let started = Instant::now();
+    let response = app
+        .post_json("/api/streams/replicated/messages", &json!({ "data": 4 }))
+        .await;
+    crate::helpers::problem(response, 503).await;
+    assert!(started.elapsed() >= Duration::from_millis(450));
+}

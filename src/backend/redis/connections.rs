@@ -182,12 +182,7 @@ impl Connections {
                     .await
                     .map_err(|error| lease.fail(error))?;
                 if let Some(wait) = wait {
-                    let reply: Value = wait
-                        .command()
-                        .query_async(&mut lease.connection)
-                        .await
-                        .map_err(|error| lease.fail(error))?;
-                    wait.check(&reply)?;
+                    wait_on_lease(&mut lease, wait).await?;
                 }
                 Ok(replies)
             }
@@ -229,12 +224,7 @@ impl Connections {
                     .await
                     .map_err(|error| lease.fail(error))?;
                 if let Some(wait) = wait {
-                    let reply: Value = wait
-                        .command()
-                        .query_async(&mut lease.connection)
-                        .await
-                        .map_err(|error| lease.fail(error))?;
-                    wait.check(&reply)?;
+                    wait_on_lease(&mut lease, wait).await?;
                 }
                 Ok(value)
             }
@@ -392,6 +382,19 @@ impl Standalone {
             }
         }
     }
+}
+
+/// `WAIT` on the pooled connection that carried the writes.
+async fn wait_on_lease(
+    lease: &mut super::pool::Lease,
+    wait: WaitReplicas,
+) -> Result<(), BackendError> {
+    let reply: Value = wait
+        .command()
+        .query_async(&mut lease.connection)
+        .await
+        .map_err(|error| lease.fail(error))?;
+    wait.check(&reply)
 }
 
 /// `CLIENT UNBLOCK client_id` (on a cluster, on the master of `slot`); true when it unblocked.
