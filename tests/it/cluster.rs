@@ -289,14 +289,55 @@ async fn with_a_frozen_replica_a_publish_answers_503_within_the_wait_timeout() {
         .post_json("/api/streams/frozen/messages", &json!({ "data": 1 }))
         .await;
     let took = started.elapsed();
+    // A batch (a transaction) and an idempotent publish (a script) wait the same way.
+    let batch = app
+        .post_json(
+            "/api/streams/frozen/messages/batch",
+            &json!({ "messages": [2, 3] }),
+        )
+        .await;
+    let idempotent = app
+        .request(reqwest::Method::POST, "/api/streams/frozen/messages")
+        .header("Idempotency-Key", "once")
+        .json(&json!({ "data": 4 }))
+        .send()
+        .await
+        .unwrap();
     app.cluster().freeze(replica, false);
     crate::helpers::problem(response, 503).await;
+    crate::helpers::problem(batch, 503).await;
+    crate::helpers::problem(idempotent, 503).await;
     assert!(
         took >= Duration::from_millis(450) && took < Duration::from_secs(3),
         "answered after {took:?} (redis.wait_timeout is 500 ms)"
     );
-    // Replicated again, publishes are acknowledged.
-    app.publish("frozen", json!(2)).await;
+    // Replicated again, every kind of publish is acknowledged (the idempotent retry answers
+    // with the id its first attempt stored).
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while app
+        .post_json("/api/streams/frozen/messages", &json!({ "data": 5 }))
+        .await
+        .status()
+        != 201
+    {
+        assert!(Instant::now() < deadline, "the replica never caught up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let batch = app
+        .post_json(
+            "/api/streams/frozen/messages/batch",
+            &json!({ "messages": [6, 7] }),
+        )
+        .await;
+    assert_eq!(batch.status(), 201);
+    let retried = app
+        .request(reqwest::Method::POST, "/api/streams/frozen/messages")
+        .header("Idempotency-Key", "once")
+        .json(&json!({ "data": 4 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(retried.status(), 201);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -186,13 +186,18 @@ impl Connections {
                 }
                 Ok(replies)
             }
-            Connections::Cluster(cluster) => {
-                let replies = cluster.pipeline(pipeline).await?;
-                if let (Some(wait), Some(key)) = (wait, written) {
-                    cluster.wait_on(key, wait).await?;
+            Connections::Cluster(cluster) => match (wait, written) {
+                (Some(wait), Some(key)) => {
+                    let mut connection = WithWait::new(cluster, key, wait);
+                    let replies = pipeline
+                        .query_async(&mut connection)
+                        .await
+                        .map_err(map_error)?;
+                    connection.check()?;
+                    Ok(replies)
                 }
-                Ok(replies)
-            }
+                _ => cluster.pipeline(pipeline).await,
+            },
         }
     }
 
@@ -228,16 +233,21 @@ impl Connections {
                 }
                 Ok(value)
             }
-            Connections::Cluster(cluster) => {
-                let value: Value = invocation
+            Connections::Cluster(cluster) => match (wait, written) {
+                (Some(wait), Some(key)) => {
+                    let mut connection = WithWait::new(cluster, key, wait);
+                    let value: Value = invocation
+                        .invoke_async(&mut connection)
+                        .await
+                        .map_err(map_error)?;
+                    connection.check()?;
+                    Ok(value)
+                }
+                _ => invocation
                     .invoke_async(&mut cluster.connection.clone())
                     .await
-                    .map_err(map_error)?;
-                if let (Some(wait), Some(key)) = (wait, written) {
-                    cluster.wait_on(key, wait).await?;
-                }
-                Ok(value)
-            }
+                    .map_err(map_error),
+            },
         }
     }
 
@@ -384,6 +394,122 @@ impl Standalone {
     }
 }
 
+/// A cluster connection for one write (a script or a transaction) and its `WAIT`: whatever
+/// redis-rs sends through it (`EVALSHA`, a `SCRIPT LOAD` after NOSCRIPT, `MULTI`…`EXEC`) goes as
+/// one pipeline with a `WAIT` behind it to the master of `key`, so the `WAIT` counts exactly
+/// that write, on the connection that carried it.
+struct WithWait<'a> {
+    connection: ClusterConnection,
+    key: &'a [u8],
+    wait: WaitReplicas,
+    /// The last `WAIT`'s reply.
+    replicated: Option<Value>,
+}
+
+impl<'a> WithWait<'a> {
+    fn new(cluster: &Cluster, key: &'a [u8], wait: WaitReplicas) -> WithWait<'a> {
+        WithWait {
+            connection: cluster.connection.clone(),
+            key,
+            wait,
+            replicated: None,
+        }
+    }
+
+    /// Sends `commands` (wrapped in `MULTI`/`EXEC` when `transaction`) and a `WAIT`; returns
+    /// the commands' replies (for a transaction: `MULTI`'s, the queued ones', `EXEC`'s).
+    async fn send(
+        &mut self,
+        commands: impl Iterator<Item = &Cmd>,
+        transaction: bool,
+    ) -> redis::RedisResult<Vec<Value>> {
+        let mut pipeline = redis::pipe();
+        if transaction {
+            pipeline.cmd("MULTI");
+        }
+        for command in commands {
+            pipeline.add_command(command.clone());
+        }
+        if transaction {
+            pipeline.cmd("EXEC");
+        }
+        pipeline.add_command(self.wait.command());
+        let route =
+            SingleNodeRoutingInfo::SpecificNode(Route::with_key(self.key, SlotAddr::Master));
+        let mut attempts = 0;
+        loop {
+            let mut values = self
+                .connection
+                .clone()
+                .route_pipeline(pipeline.clone(), 0, pipeline.len(), route.clone())
+                .await?;
+            self.replicated = values.pop();
+            // One key (a script's, or a transaction's): a redirection means none of it ran.
+            let moved = values.iter().find_map(|value| match value {
+                Value::ServerError(error) if matches!(error.code(), "MOVED" | "ASK") => {
+                    error.details().and_then(moved_slot_number)
+                }
+                _ => None,
+            });
+            match moved {
+                None => return Ok(values),
+                Some(slot) if attempts < 5 => {
+                    attempts += 1;
+                    follow_slot(&self.connection, slot, attempts).await;
+                }
+                Some(_) => {
+                    return Err(redis::RedisError::from(std::io::Error::new(
+                        std::io::ErrorKind::ConnectionReset,
+                        "the key's hash slot moved and was not followed yet",
+                    )));
+                }
+            }
+        }
+    }
+
+    /// Whether the last `WAIT` said enough replicas have the write.
+    fn check(&self) -> Result<(), BackendError> {
+        match &self.replicated {
+            Some(Value::ServerError(error)) => Err(map_error(error.clone().into())),
+            Some(reply) => self.wait.check(reply),
+            None => Err(BackendError::Internal("no WAIT was sent".into())),
+        }
+    }
+}
+
+impl ConnectionLike for WithWait<'_> {
+    fn req_packed_command<'b>(&'b mut self, command: &'b Cmd) -> redis::RedisFuture<'b, Value> {
+        Box::pin(async move {
+            match self.send(std::iter::once(command), false).await?.pop() {
+                Some(Value::ServerError(error)) => Err(error.into()),
+                Some(value) => Ok(value),
+                None => Err(redis::RedisError::from((
+                    redis::ErrorKind::Client,
+                    "no reply to a command",
+                ))),
+            }
+        })
+    }
+
+    fn req_packed_commands<'b>(
+        &'b mut self,
+        pipeline: &'b Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'b, Vec<Value>> {
+        Box::pin(async move {
+            let values = self
+                .send(pipeline.cmd_iter(), pipeline.is_transaction())
+                .await?;
+            Ok(values.into_iter().skip(offset).take(count).collect())
+        })
+    }
+
+    fn get_db(&self) -> i64 {
+        0
+    }
+}
+
 /// `WAIT` on the pooled connection that carried the writes.
 async fn wait_on_lease(
     lease: &mut super::pool::Lease,
@@ -419,29 +545,6 @@ impl Cluster {
         routed_pipeline(&self.connection, pipeline, None)
             .await
             .map_err(map_error)
-    }
-
-    /// `WAIT` on the connection to `key`'s master, the one that carried the write (a script or
-    /// a transaction: those cannot share a pipeline with it here). It goes in a pipeline behind
-    /// a read of `key`, so that it counts only if it reached the node serving the key: a
-    /// redirect or an error means the write's fate is unknown, answered as 503.
-    async fn wait_on(&self, key: &[u8], wait: WaitReplicas) -> Result<(), BackendError> {
-        let mut pipeline = redis::pipe();
-        pipeline.cmd("EXISTS").arg(key);
-        pipeline.add_command(wait.command());
-        let route = SingleNodeRoutingInfo::SpecificNode(Route::with_key(key, SlotAddr::Master));
-        let replies = self
-            .connection
-            .clone()
-            .route_pipeline(pipeline, 0, 2, route)
-            .await
-            .map_err(map_error)?;
-        match replies.as_slice() {
-            [Value::Int(_), reply] => wait.check(reply),
-            _ => Err(BackendError::Unavailable(
-                "the write's replication could not be confirmed (the key's node changed)".into(),
-            )),
-        }
     }
 
     /// The masters that serve slots, from `CLUSTER NODES` (asked of any node).
@@ -630,15 +733,20 @@ pub(super) async fn routed_pipeline(
         match moved {
             Some(slot) if attempts < 5 => {
                 attempts += 1;
-                let mut command = redis::cmd("EXISTS");
-                command.arg(format!("{{{}}}", super::coordination::tag_of_slot(slot)));
-                let _ = connection.clone().req_packed_command(&command).await;
-                // The slot map is rebuilt in the background.
-                tokio::time::sleep(Duration::from_millis(20 * attempts)).await;
+                follow_slot(connection, slot, attempts).await;
             }
             _ => return outcome,
         }
     }
+}
+
+/// Sends a keyed command to `slot`: redis-rs follows its MOVED and rebuilds its slot map (in the
+/// background: waits a little longer at each `attempt`).
+async fn follow_slot(connection: &ClusterConnection, slot: u16, attempt: u64) {
+    let mut command = redis::cmd("EXISTS");
+    command.arg(format!("{{{}}}", super::coordination::tag_of_slot(slot)));
+    let _ = connection.clone().req_packed_command(&command).await;
+    tokio::time::sleep(Duration::from_millis(20 * attempt)).await;
 }
 
 fn is_redirect(value: &Value) -> bool {
