@@ -271,6 +271,16 @@ async fn publishers_and_consumers_carry_on_through_a_master_failover() {
     }
 }
 
+/// Publishes 4 to `frozen` with the idempotency key `once`.
+async fn idempotent_publish(app: &TestApp) -> reqwest::Response {
+    app.request(reqwest::Method::POST, "/api/streams/frozen/messages")
+        .header("Idempotency-Key", "once")
+        .json(&json!({ "data": 4 }))
+        .send()
+        .await
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_a_frozen_replica_a_publish_answers_503_within_the_wait_timeout() {
     let Some(app) = TestApp::on_cluster_with_replicas(
@@ -296,13 +306,7 @@ async fn with_a_frozen_replica_a_publish_answers_503_within_the_wait_timeout() {
             &json!({ "messages": [2, 3] }),
         )
         .await;
-    let idempotent = app
-        .request(reqwest::Method::POST, "/api/streams/frozen/messages")
-        .header("Idempotency-Key", "once")
-        .json(&json!({ "data": 4 }))
-        .send()
-        .await
-        .unwrap();
+    let idempotent = idempotent_publish(&app).await;
     app.cluster().freeze(replica, false);
     crate::helpers::problem(response, 503).await;
     crate::helpers::problem(batch, 503).await;
@@ -330,13 +334,7 @@ async fn with_a_frozen_replica_a_publish_answers_503_within_the_wait_timeout() {
         )
         .await;
     assert_eq!(batch.status(), 201);
-    let retried = app
-        .request(reqwest::Method::POST, "/api/streams/frozen/messages")
-        .header("Idempotency-Key", "once")
-        .json(&json!({ "data": 4 }))
-        .send()
-        .await
-        .unwrap();
+    let retried = idempotent_publish(&app).await;
     assert_eq!(retried.status(), 201);
 }
 
