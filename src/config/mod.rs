@@ -238,6 +238,14 @@ pub struct RedisSettings {
     pub response_timeout: Duration,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub tls_ca: Option<PathBuf>,
+    /// `auto`, `true` or `false`.
+    pub cluster: &'static str,
+    /// More seed nodes, without passwords.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub urls: Vec<String>,
+    pub wait_replicas: u32,
+    #[serde(serialize_with = "humantime")]
+    pub wait_timeout: Duration,
     #[serde(skip)]
     pub options: RedisOptions,
 }
@@ -1057,22 +1065,43 @@ fn read_backend(r: &mut Reader) -> (BackendKind, Option<RedisSettings>) {
             ),
         }
     }
-    let mut shown = parsed.clone();
-    if shown.password().is_some() {
-        // The URL always parses back, so setting a password cannot fail here.
-        let _ = shown.set_password(Some("redacted"));
-    }
+    let shown = url_without_password(parsed.as_str());
     (
         kind,
         Some(RedisSettings {
-            url: shown.to_string(),
+            url: shown,
             connect_retries,
             pool_size,
             response_timeout,
             tls_ca,
+            cluster: match cluster {
+                ClusterMode::Auto => "auto",
+                ClusterMode::Cluster => "true",
+                ClusterMode::Standalone => "false",
+            },
+            urls: options
+                .seeds
+                .iter()
+                .map(|seed| url_without_password(seed))
+                .collect(),
+            wait_replicas,
+            wait_timeout,
             options,
         }),
     )
+}
+
+/// `url` with its password (if any) replaced.
+fn url_without_password(url: &str) -> String {
+    match url::Url::parse(url) {
+        Ok(mut parsed) if parsed.password().is_some() => {
+            // The URL parsed, so setting its password cannot fail.
+            let _ = parsed.set_password(Some("redacted"));
+            parsed.to_string()
+        }
+        Ok(parsed) => parsed.to_string(),
+        Err(_) => "<not a URL>".to_owned(),
+    }
 }
 
 /// Options for a Redis at `parsed` (a `redis://` or `rediss://` URL), with default pool and
@@ -1293,6 +1322,39 @@ mod tests {
         )
         .unwrap();
         assert_eq!(config.bearer_token.unwrap().expose(), "b");
+    }
+
+    #[test]
+    fn cluster_seeds_and_replica_waits_are_read() {
+        let env = [
+            (
+                "STREAMGATE_REDIS__URLS",
+                "redis://:pw@10.0.0.1:7000,redis://:pw@10.0.0.2:7000",
+            ),
+            ("STREAMGATE_REDIS__WAIT_REPLICAS", "1"),
+            ("STREAMGATE_REDIS__WAIT_TIMEOUT", "250ms"),
+            ("STREAMGATE_REDIS__CLUSTER", "true"),
+        ];
+        let config = load(None, &env, &[]).unwrap();
+        assert_eq!(config.backend, BackendKind::Redis);
+        let redis = config.redis.unwrap();
+        assert_eq!(redis.options.url, "redis://:pw@10.0.0.1:7000");
+        assert_eq!(redis.options.seeds.len(), 2);
+        assert_eq!(redis.options.cluster, ClusterMode::Cluster);
+        assert_eq!(redis.options.wait_replicas, 1);
+        assert_eq!(redis.options.wait_timeout, Duration::from_millis(250));
+        assert!(redis.urls.iter().all(|url| !url.contains("pw")));
+        // A wait as long as a reply's time limit could never answer in time.
+        let env = [
+            ("STREAMGATE_REDIS__URL", "redis://10.0.0.1:7000"),
+            ("STREAMGATE_REDIS__WAIT_REPLICAS", "1"),
+            ("STREAMGATE_REDIS__WAIT_TIMEOUT", "10s"),
+        ];
+        let error = load(None, &env, &[]).unwrap_err().to_string();
+        assert!(error.contains("redis.wait_timeout"), "{error}");
+        let env = [("STREAMGATE_REDIS__CLUSTER", "maybe")];
+        let error = load(None, &env, &[]).unwrap_err().to_string();
+        assert!(error.contains("redis.cluster"), "{error}");
     }
 
     #[test]
