@@ -370,7 +370,7 @@ impl Standalone {
                 // The unblock goes on another connection and may reach Redis before the read it
                 // should cut short (which then blocks for all of BLOCK): until one says it
                 // unblocked the read, or the read returns, send it again.
-                if unblock(connections, None, client_id).await {
+                if unblock(connections, client_id).await {
                     break read.await;
                 }
                 if let Ok(outcome) = tokio::time::timeout(UNBLOCK_RETRY, &mut read).await {
@@ -523,20 +523,11 @@ async fn wait_on_lease(
     wait.check(&reply)
 }
 
-/// `CLIENT UNBLOCK client_id` (on a cluster, on the master of `slot`); true when it unblocked.
-async fn unblock(connections: &Connections, slot: Option<u16>, client_id: i64) -> bool {
+/// `CLIENT UNBLOCK client_id` on one server; true when it unblocked a read.
+async fn unblock(connections: &Connections, client_id: i64) -> bool {
     let mut command = redis::cmd("CLIENT");
     command.arg("UNBLOCK").arg(client_id);
-    let reply = match (connections, slot) {
-        (Connections::Cluster(cluster), Some(slot)) => cluster
-            .connection
-            .clone()
-            .route_command(command, slot_route(slot))
-            .await
-            .map_err(map_error),
-        _ => connections.query(command).await,
-    };
-    matches!(reply, Ok(Value::Int(1)))
+    matches!(connections.query(command).await, Ok(Value::Int(1)))
 }
 
 impl Cluster {
