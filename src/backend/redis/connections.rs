@@ -34,6 +34,9 @@ const UNBLOCK_RETRY: Duration = Duration::from_millis(5);
 /// Beyond its BLOCK, a blocking read's reply is late: its connection is treated as lost.
 const LATE: Duration = Duration::from_secs(5);
 
+/// Unblocks that missed a read before its client id is taken for stale (about 0.2 s).
+const STALE_AFTER_MISSES: u32 = 40;
+
 /// On a cluster, how often streams are polled when a read spans more hash slots than there are
 /// free blocking connections (each slot needs a read of its own).
 const POLL_INTERVAL: Duration = Duration::from_millis(20);
@@ -591,7 +594,11 @@ impl Cluster {
                 (index, lease, outcome)
             });
         }
+        // Per read: finished; how many unblocks missed it, `None` once one hit (an id gone stale
+        // after redis-rs re-opened the connection misses every time: it is asked again next
+        // time).
         let mut done = vec![false; pending.len()];
+        let mut misses: Vec<Option<u32>> = vec![Some(0); pending.len()];
         let mut replies = Vec::new();
         let mut failure = None;
         let mut interrupt = std::pin::pin!(interrupt);
@@ -599,45 +606,49 @@ impl Cluster {
         loop {
             let finished = tokio::select! {
                 finished = reads.next() => finished,
-                _ = &mut interrupt, if !cut_short => { cut_short = true; continue; }
-                _ = tokio::time::sleep(UNBLOCK_RETRY), if cut_short => {
-                    for (index, (slot, client_id)) in pending.iter().enumerate() {
-                        if !done[index] {
-                            unblock_on(self, *slot, *client_id).await;
+                _ = &mut interrupt, if !cut_short => { cut_short = true; None }
+                _ = tokio::time::sleep(UNBLOCK_RETRY), if cut_short => None,
+            };
+            if let Some((index, mut lease, outcome)) = finished {
+                done[index] = true;
+                if misses[index].is_some_and(|misses| misses >= STALE_AFTER_MISSES) {
+                    lease.client_ids.remove(&pending[index].0);
+                }
+                match outcome {
+                    Ok(Ok(value)) => {
+                        lease.release();
+                        if !matches!(value, Value::Nil) {
+                            cut_short = true;
                         }
+                        replies.push(value);
                     }
-                    continue;
-                }
-            };
-            let Some((index, mut lease, outcome)) = finished else {
-                break;
-            };
-            done[index] = true;
-            match outcome {
-                Ok(Ok(value)) => {
-                    lease.release();
-                    if !matches!(value, Value::Nil) {
+                    Ok(Err(error)) => {
+                        lease.forget();
                         cut_short = true;
+                        failure = Some(map_error(error));
                     }
-                    replies.push(value);
+                    Err(_) => {
+                        lease.forget();
+                        cut_short = true;
+                        failure = Some(BackendError::Unavailable(
+                            "a blocking read got no reply".into(),
+                        ));
+                    }
                 }
-                Ok(Err(error)) => {
-                    lease.forget();
-                    cut_short = true;
-                    failure = Some(map_error(error));
-                }
-                Err(_) => {
-                    lease.forget();
-                    cut_short = true;
-                    failure = Some(BackendError::Unavailable(
-                        "a blocking read got no reply".into(),
-                    ));
-                }
+            } else if done.iter().all(|done| *done) {
+                break;
+            }
+            if done.iter().all(|done| *done) {
+                break;
             }
             if cut_short {
                 for (index, (slot, client_id)) in pending.iter().enumerate() {
-                    if !done[index] {
-                        unblock_on(self, *slot, *client_id).await;
+                    if let (false, Some(missed)) = (done[index], misses[index]) {
+                        misses[index] = match unblock_on(self, *slot, *client_id).await {
+                            // Unblocked: its reply is on its way.
+                            true => None,
+                            false => Some(missed + 1),
+                        };
                     }
                 }
             }
@@ -678,14 +689,16 @@ impl Cluster {
     }
 }
 
-async fn unblock_on(cluster: &Cluster, slot: u16, client_id: i64) {
+/// `CLIENT UNBLOCK client_id` on the master of `slot`; true when it unblocked a read.
+async fn unblock_on(cluster: &Cluster, slot: u16, client_id: i64) -> bool {
     let mut command = redis::cmd("CLIENT");
     command.arg("UNBLOCK").arg(client_id);
-    let _ = cluster
+    let reply = cluster
         .connection
         .clone()
         .route_command(command, slot_route(slot))
         .await;
+    matches!(reply, Ok(Value::Int(1)))
 }
 
 /// A single-slot pipeline on a cluster, to `route` (else where its first key lives).
