@@ -89,6 +89,28 @@ impl<S: Send + Sync> FromRequestParts<S> for StreamPath {
     }
 }
 
+/// 400 when a query parameter's name or value is not UTF-8 once percent-decoded: decoding it
+/// lossily (as `form_urlencoded` does) would turn `?stream=%FF` into a stream named U+FFFD.
+fn check_utf8(query: &str) -> Result<(), ApiError> {
+    for pair in query.split('&') {
+        let plus_as_space: Vec<u8> = pair
+            .bytes()
+            .map(|byte| if byte == b'+' { b' ' } else { byte })
+            .collect();
+        if percent_encoding::percent_decode(&plus_as_space)
+            .decode_utf8()
+            .is_err()
+        {
+            let name = pair.split('=').next().unwrap_or_default();
+            return Err(ApiError::BadRequest(format!(
+                "the query parameter `{}` is not valid UTF-8 once percent-decoded",
+                percent_encoding::percent_decode_str(name).decode_utf8_lossy()
+            )));
+        }
+    }
+    Ok(())
+}
+
 /// Query parameters, 400 when they do not parse.
 pub struct ApiQuery<T>(pub T);
 
@@ -96,6 +118,7 @@ impl<T: DeserializeOwned, S: Send + Sync> FromRequestParts<S> for ApiQuery<T> {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        check_utf8(parts.uri.query().unwrap_or_default())?;
         Query::<T>::from_request_parts(parts, state)
             .await
             .map(|Query(value)| ApiQuery(value))
@@ -112,6 +135,7 @@ impl<S: Send + Sync> FromRequestParts<S> for QueryPairs {
 
     async fn from_request_parts(parts: &mut Parts, _state: &S) -> Result<Self, Self::Rejection> {
         let query = parts.uri.query().unwrap_or_default();
+        check_utf8(query)?;
         Ok(QueryPairs(
             form_urlencoded::parse(query.as_bytes())
                 .into_owned()

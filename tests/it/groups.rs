@@ -654,10 +654,38 @@ async fn bad_requests_are_refused_before_streaming(app: TestApp) {
         "stream=s&group=g&mode=exactly-once",
         "stream=s&group=g&group=h",
         "stream=s%0A&group=g",
+        // Not UTF-8 once decoded: refused, not turned into a stream named U+FFFD.
+        "stream=%FF&group=g",
+        "stream=s&group=%C3",
+        "stream=%FF",
     ] {
         let response = app.get(&format!("/api/events?{query}")).await;
         problem(response, 400).await;
     }
+    // Nor through the other ways names arrive in a query.
+    problem(app.get("/sse/connect?channel_id=%FF").await, 400).await;
+    app.publish("s", json!(1)).await;
+    let created = app
+        .request(reqwest::Method::PUT, "/api/streams/s/groups/g")
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap();
+    assert!(created.status().is_success(), "{}", created.status());
+    problem(
+        app.get("/api/streams/s/groups/g/pending?consumer=%FF")
+            .await,
+        400,
+    )
+    .await;
+    assert!(
+        json(app.get("/admin/streams").await).await["streams"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|name| name != "\u{fffd}"),
+        "no stream named U+FFFD"
+    );
     let response = reqwest::Client::new()
         .get(app.url("/api/events?stream=s&group=g"))
         .send()
