@@ -19,6 +19,7 @@ const QUIET: Duration = Duration::from_millis(400);
 on_each_backend!(
     replay_then_live_survives_reconnects_at_random_moments,
     a_trimmed_resume_point_is_announced_as_a_gap,
+    a_resume_before_the_first_entry_of_an_untouched_stream_is_no_gap,
     bad_or_future_resume_points_are_400,
     a_cursor_resumes_each_of_several_streams,
     subscriptions_start_at_new_messages_by_default,
@@ -155,6 +156,32 @@ async fn a_trimmed_resume_point_is_announced_as_a_gap(app: TestApp) {
         (next.event.clone(), next.json()["body"].clone()),
         (None, json!(26))
     );
+}
+
+/// SPEC 3.3: a gap only when entries after the requested id were removed. From `0` (or a
+/// `Last-Event-ID` of `0-0`) on a stream that never lost an entry, nothing was missed.
+async fn a_resume_before_the_first_entry_of_an_untouched_stream_is_no_gap(app: TestApp) {
+    app.publish_batch("untouched", (0..3).map(|n| json!(n)).collect())
+        .await;
+    for (path, headers) in [
+        ("/api/streams/untouched/events?from=0", vec![]),
+        (
+            "/api/streams/untouched/events",
+            vec![("last-event-id", "0-0")],
+        ),
+    ] {
+        let mut client = app.subscribe(path, &headers).await;
+        let events = client.events(3, WAIT).await;
+        assert!(
+            events.iter().all(|event| event.event.is_none()),
+            "{path}: {:?}",
+            events
+                .iter()
+                .map(|event| event.event.clone())
+                .collect::<Vec<_>>()
+        );
+        assert_eq!(bodies(&events), [json!(0), json!(1), json!(2)]);
+    }
 }
 
 async fn bad_or_future_resume_points_are_400(app: TestApp) {
