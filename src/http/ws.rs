@@ -337,7 +337,21 @@ async fn subscribe(
                     start,
                     mode,
                 };
-                let subscription = state.groups.connect(spec).await.map_err(
+                // Subscribing to a topic again replaces the earlier subscription: the old one
+                // lets go of its consumer name first (its lease is released in the background,
+                // so a name it held is waited for a moment).
+                let replacing = subscriptions.remove(topic).is_some();
+                let mut attempts = 0;
+                let connected = loop {
+                    match state.groups.connect(spec.clone()).await {
+                        Err(ConnectError::Duplicate(_)) if replacing && attempts < 50 => {
+                            attempts += 1;
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                        connected => break connected,
+                    }
+                };
+                let subscription = connected.map_err(
                     |error| match error {
                         ConnectError::Duplicate(name) => (
                             "conflict",

@@ -19,6 +19,7 @@ const REDELIVERY: &str = "[consumer]\nvisibility_timeout = \"3s\"\n";
 on_each_backend!(
     websocket_group_consumers_ack_and_get_redeliveries = REDELIVERY,
     websocket_subscribes_to_several_topics,
+    websocket_resubscribing_replaces_the_subscription,
     websocket_broadcast_resumes_from_an_id,
     websocket_publishes_pings_and_unsubscribes,
     websocket_garbage_gets_errors_and_the_socket_stays_usable,
@@ -183,6 +184,33 @@ async fn websocket_subscribes_to_several_topics(app: TestApp) {
             ("alerts".into(), json!("a")),
             ("notifications".into(), json!("n"))
         ]
+    );
+}
+
+/// The README's rule: subscribing to a topic again replaces the earlier subscription, also for
+/// a named group consumer (whose name the earlier subscription held).
+async fn websocket_resubscribing_replaces_the_subscription(app: TestApp) {
+    let mut ws = Ws::connect(&app).await;
+    let subscribe =
+        json!({ "type": "subscribe", "topics": ["tasks"], "group": "g", "client_id": "w1" });
+    assert_eq!(ws.call(subscribe.clone()).await["type"], "subscribed");
+    let again = ws.call(subscribe).await;
+    assert_eq!(
+        (again["type"].as_str(), again["client_id"].as_str()),
+        (Some("subscribed"), Some("w1")),
+        "{again}"
+    );
+    // One subscription: each message arrives once.
+    app.publish("tasks", json!(1)).await;
+    let message = ws.expect().await;
+    assert_eq!(
+        (message["payload"].clone(), message["deliveries"].clone()),
+        (json!(1), json!(1))
+    );
+    assert_eq!(
+        ws.next(Duration::from_millis(500)).await,
+        None,
+        "delivered once"
     );
 }
 
