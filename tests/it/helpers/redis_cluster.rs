@@ -5,7 +5,7 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use super::redis_server::{free_port, redis_server_binary, require_or_skip};
+use super::redis_server::{command, free_port, redis_server_binary, require_or_skip};
 
 pub struct RedisCluster {
     nodes: Vec<Node>,
@@ -119,11 +119,7 @@ impl RedisCluster {
         connection
             .set_read_timeout(Some(Duration::from_secs(2)))
             .ok()?;
-        let mut command = redis::cmd(args[0]);
-        for arg in &args[1..] {
-            command.arg(*arg);
-        }
-        command.query(&mut connection).ok()
+        command(args).query(&mut connection).ok()
     }
 
     fn live_ports(&self) -> Vec<u16> {
@@ -136,40 +132,34 @@ impl RedisCluster {
 
     /// Waits until every live node says `cluster_state:ok` and agrees every slot is served.
     pub fn wait_until_ok(&self, within: Duration) {
-        let deadline = Instant::now() + within;
-        loop {
-            let ok = self.live_ports().iter().all(|port| {
+        self.wait_until(within, "reach cluster_state:ok", || {
+            self.live_ports().iter().all(|port| {
                 self.node_cmd::<String>(*port, &["CLUSTER", "INFO"])
                     .is_some_and(|info| {
                         info.contains("cluster_state:ok") && info.contains("cluster_slots_ok:16384")
                     })
-            });
-            if ok {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "the Redis Cluster did not reach cluster_state:ok within {within:?}"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+            })
+        });
     }
 
     fn wait_for_replicas(&self, within: Duration) {
-        let deadline = Instant::now() + within;
-        loop {
-            let linked = self.masters().iter().all(|port| {
+        self.wait_until(within, "sync every master's replica", || {
+            self.masters().iter().all(|port| {
                 self.node_cmd::<String>(*port, &["INFO", "replication"])
                     .is_some_and(|info| {
                         info.contains("connected_slaves:1") && info.contains("state=online")
                     })
-            });
-            if linked {
-                return;
-            }
+            })
+        });
+    }
+
+    /// Polls `done` every 50 ms; panics, saying the cluster did not `what`, after `within`.
+    fn wait_until(&self, within: Duration, what: &str, done: impl Fn() -> bool) {
+        let deadline = Instant::now() + within;
+        while !done() {
             assert!(
                 Instant::now() < deadline,
-                "the replicas did not sync within {within:?}"
+                "the Redis Cluster did not {what} within {within:?}"
             );
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -249,14 +239,11 @@ impl RedisCluster {
         let replica = self.replica_of(port);
         self.kill(port);
         // The replica waits for cluster-node-timeout, then is elected.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !self.is_master(replica) {
-            assert!(
-                Instant::now() < deadline,
-                "the replica on {replica} was not promoted within 30 s"
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.wait_until(
+            Duration::from_secs(30),
+            &format!("promote the replica on {replica}"),
+            || self.is_master(replica),
+        );
         self.wait_until_ok(Duration::from_secs(30));
     }
 
@@ -320,11 +307,7 @@ impl RedisCluster {
 
     /// Runs one command (routed by its key) and returns its reply.
     pub fn cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> T {
-        let mut command = redis::cmd(args[0]);
-        for arg in &args[1..] {
-            command.arg(*arg);
-        }
-        command
+        command(args)
             .query(&mut self.connection())
             .expect("redis command")
     }

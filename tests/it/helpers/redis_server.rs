@@ -47,6 +47,15 @@ pub fn require_or_skip<T>(what: &str) -> Option<T> {
     None
 }
 
+/// The command `args` (name first).
+pub fn command(args: &[&str]) -> redis::Cmd {
+    let mut command = redis::cmd(args[0]);
+    for arg in &args[1..] {
+        command.arg(*arg);
+    }
+    command
+}
+
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|listener| listener.local_addr())
@@ -160,11 +169,7 @@ impl RedisServer {
 
     /// Runs one command and returns its reply.
     pub fn cmd<T: redis::FromRedisValue>(&self, args: &[&str]) -> T {
-        let mut command = redis::cmd(args[0]);
-        for arg in &args[1..] {
-            command.arg(*arg);
-        }
-        command
+        command(args)
             .query(&mut self.connection())
             .expect("redis command")
     }
