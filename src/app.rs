@@ -16,7 +16,7 @@ use crate::bridge;
 use crate::config::{BackendKind, Config};
 use crate::delivery::Delivery;
 use crate::delivery::groups::GroupSettings;
-use crate::http::serve::{serve, tls_acceptor};
+use crate::http::serve::{Front, serve, tls_acceptor};
 use crate::http::{self, AppState};
 use crate::metrics::Metrics;
 use crate::probe::Probe;
@@ -73,10 +73,16 @@ pub async fn run(
         config.clone(),
         shutdown.clone(),
     );
-    let router = http::router(state);
+    let front = Front {
+        router: http::router(state.clone()),
+        metrics: state.metrics.clone(),
+        write_timeout: config.sse_write_timeout,
+        sessions: state.sessions.clone(),
+    };
+    drop(state);
     let serving = tokio::spawn(serve(
         listener,
-        router,
+        front,
         tls,
         shutdown.clone(),
         config.shutdown_timeout,

@@ -2,6 +2,7 @@
 //! Transport-agnostic: the HTTP layer finds the credential (header or query), this module decides.
 
 use std::fmt;
+use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -86,6 +87,9 @@ pub struct Principal {
     pub name: String,
     scopes: Vec<Scope>,
     streams: Option<Vec<StreamPattern>>,
+    /// When the credential stops being valid (a JWT's `exp` plus the clock-skew leeway): the
+    /// streams it opened end then.
+    pub expires_at: Option<SystemTime>,
 }
 
 impl Principal {
@@ -95,6 +99,7 @@ impl Principal {
             name: name.into(),
             scopes: Scope::ALL.to_vec(),
             streams: None,
+            expires_at: None,
         }
     }
 
@@ -103,6 +108,7 @@ impl Principal {
             name,
             scopes,
             streams,
+            expires_at: None,
         }
     }
 
@@ -155,6 +161,7 @@ impl fmt::Debug for JwtVerifier {
 
 #[derive(serde::Deserialize)]
 struct Claims {
+    exp: u64,
     sub: Option<String>,
     scope: Option<String>,
     scopes: Option<Vec<String>>,
@@ -227,7 +234,11 @@ impl JwtVerifier {
             None => None,
         };
         let name = format!("jwt:{}", claims.sub.as_deref().unwrap_or("anonymous"));
-        Some(Principal::new(name, scopes, streams))
+        let valid_for = Duration::from_secs(claims.exp.saturating_add(self.validation.leeway));
+        Some(Principal {
+            expires_at: SystemTime::UNIX_EPOCH.checked_add(valid_for),
+            ..Principal::new(name, scopes, streams)
+        })
     }
 }
 

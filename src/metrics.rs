@@ -262,6 +262,18 @@ impl Metrics {
             .observe(seconds);
     }
 
+    /// A request head refused before routing (408, 414, 431, 400), counted under the route
+    /// `unparsed`.
+    pub fn refused_head(&self, status: u16) {
+        self.http_requests
+            .get_or_create(&RequestLabels {
+                route: "unparsed".to_owned(),
+                method: "other",
+                status,
+            })
+            .inc();
+    }
+
     /// A backend failure (`kind`: unavailable, internal).
     pub fn backend_error(&self, kind: &'static str) {
         self.backend_errors

@@ -56,6 +56,7 @@ const KEYS: &[&str] = &[
     "redis_password",
     "redis_db",
     "sse_keepalive_interval_sec",
+    "sse_write_timeout",
     "consumer.default_limit",
     "consumer.visibility_timeout",
     "consumer.max_deliveries",
@@ -174,6 +175,9 @@ pub struct Config {
     pub backend: BackendKind,
     #[serde(serialize_with = "serialize_keepalive")]
     pub sse_keepalive_interval_sec: Option<Duration>,
+    /// How long a write to a client may stay blocked before the connection is dropped.
+    #[serde(serialize_with = "humantime")]
+    pub sse_write_timeout: Duration,
     #[serde(serialize_with = "humantime")]
     pub shutdown_timeout: Duration,
     /// Threads of the async runtime (default: one fewer than the cores, at least one).
@@ -533,6 +537,7 @@ fn read(r: &mut Reader) -> Option<Config> {
         interval: positive(r, "probe.interval").unwrap_or(Duration::from_secs(10)),
         timeout: positive(r, "probe.timeout").unwrap_or(Duration::from_secs(5)),
     };
+    let sse_write_timeout = positive(r, "sse_write_timeout").unwrap_or(Duration::from_secs(30));
     let shutdown_timeout = r
         .duration("shutdown_timeout")
         .unwrap_or(Duration::from_secs(30));
@@ -590,6 +595,7 @@ fn read(r: &mut Reader) -> Option<Config> {
         backend,
         sse_keepalive_interval_sec: (sse_keepalive_interval_sec > 0)
             .then(|| Duration::from_secs(sse_keepalive_interval_sec as u64)),
+        sse_write_timeout,
         shutdown_timeout,
         worker_threads,
         log_format,

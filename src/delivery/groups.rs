@@ -16,13 +16,14 @@
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 
+use super::EndReason;
 use super::instances::{self, Control};
 use super::watcher::{TailWatch, Watcher};
 use crate::backend::{
@@ -191,6 +192,8 @@ pub(super) struct Dispatch {
     pub(super) stored_limit: Mutex<Option<u32>>,
     /// Cancelled when the dispatcher ends (no consumers left, the group is gone, shutdown).
     stop: CancellationToken,
+    /// Why its consumers were ended, when the group or its stream went away.
+    ended: OnceLock<EndReason>,
 }
 
 impl Dispatch {
@@ -279,13 +282,19 @@ pub struct Subscription {
     pub group: GroupName,
     pub consumer: ConsumerName,
     receiver: mpsc::Receiver<GroupMessage>,
-    _registration: Registration,
+    registration: Registration,
 }
 
 impl Subscription {
     /// The next message; `None` once the subscription has ended.
     pub async fn next(&mut self) -> Option<GroupMessage> {
         self.receiver.recv().await
+    }
+
+    /// Why the subscription ended, once [`Subscription::next`] has said it did: the group or its
+    /// stream was deleted (`None`: shutdown, or the subscription is still live).
+    pub fn end_reason(&self) -> Option<EndReason> {
+        self.registration.dispatch.ended.get().copied()
     }
 }
 
@@ -430,6 +439,7 @@ impl Groups {
                         claim_requested: AtomicBool::new(false),
                         stored_limit: Mutex::new(stored_limit),
                         stop: shared.shutdown.child_token(),
+                        ended: OnceLock::new(),
                     });
                     // Watched now, not when the dispatcher task first runs: the watcher learns
                     // of the stream before the connection is confirmed.
@@ -449,7 +459,7 @@ impl Groups {
             group: spec.group,
             consumer: name.clone(),
             receiver,
-            _registration: Registration {
+            registration: Registration {
                 shared: Arc::downgrade(shared),
                 dispatch,
                 consumer: name,
@@ -1099,6 +1109,13 @@ async fn run(shared: Weak<Shared>, dispatch: Arc<Dispatch>, mut tail: TailWatch)
             Ok(()) => failures = 0,
             Err(BackendError::GroupNotFound | BackendError::WrongType) => {
                 tracing::info!(stream = %dispatch.key.0, group = %dispatch.key.1, "the group is gone; ending its consumers");
+                let reason = match shared.backend.stream_info(&dispatch.key.0).await {
+                    Err(BackendError::StreamNotFound | BackendError::WrongType) => {
+                        EndReason::StreamDeleted
+                    }
+                    _ => EndReason::GroupDeleted,
+                };
+                let _ = dispatch.ended.set(reason);
                 shared.close(&dispatch);
                 return;
             }

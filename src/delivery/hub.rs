@@ -267,32 +267,70 @@ impl Hub {
             Start::After(requested) => {
                 let covered = tail.is_some_and(|tail| requested >= floor && requested <= tail);
                 if !covered {
-                    let (last, first, removed_any) = match backend.stream_info(stream).await {
-                        Ok(info) => (
-                            info.last_generated_id,
-                            info.first_entry.map(|entry| entry.id),
-                            info.entries_added > info.length,
-                        ),
-                        Err(BackendError::StreamNotFound) => (EntryId::MIN, None, false),
-                        Err(error) => return Err(error.into()),
-                    };
-                    if requested > last {
-                        return Err(SubscribeError::FutureId { requested, last });
-                    }
-                    // Starting before the first entry is a gap only if something was removed
-                    // (trimmed or deleted) since: a stream that never lost an entry has none.
-                    if removed_any && let Some(first) = first.filter(|first| *first > requested) {
-                        subscription.gap = Some(HubEvent::Gap {
-                            requested,
-                            resumed_from: first,
-                        });
-                    }
+                    subscription.gap = resume_gap(backend, stream, requested).await?;
                 }
                 requested
             }
         };
         Ok(subscription)
     }
+}
+
+/// The gap a subscription resuming after `requested` must announce first (SPEC 3.3): one only
+/// when entries after `requested` were removed — deleted by id (`max_deleted_id`, kept by Redis 7
+/// and the embedded engine alike) or trimmed away (the first retained entry is past `requested`
+/// and the stream has lost entries). A stream that never lost an entry has none, wherever the
+/// resume point is. `FutureId` when `requested` is past the stream's last id.
+async fn resume_gap(
+    backend: &AnyBackend,
+    stream: &StreamName,
+    requested: EntryId,
+) -> Result<Option<HubEvent>, SubscribeError> {
+    let info = match backend.stream_info(stream).await {
+        Ok(info) => info,
+        Err(BackendError::StreamNotFound) if requested == EntryId::MIN => return Ok(None),
+        Err(BackendError::StreamNotFound) => {
+            return Err(SubscribeError::FutureId {
+                requested,
+                last: EntryId::MIN,
+            });
+        }
+        Err(error) => return Err(error.into()),
+    };
+    if requested > info.last_generated_id {
+        return Err(SubscribeError::FutureId {
+            requested,
+            last: info.last_generated_id,
+        });
+    }
+    let first = info.first_entry.map(|entry| entry.id);
+    let trimmed_after =
+        info.entries_added > info.length && first.is_some_and(|first| first > requested);
+    let deleted_after = info.max_deleted_id > requested;
+    if !trimmed_after && !deleted_after {
+        return Ok(None);
+    }
+    // Resumed from the oldest entry still there after `requested`.
+    let resumed_from = match first.filter(|first| *first > requested) {
+        Some(first) => Some(first),
+        None => {
+            let next = RangeQuery {
+                start: requested.successor().unwrap_or(EntryId::MAX),
+                end: EntryId::MAX,
+                count: 1,
+                direction: Direction::Forward,
+            };
+            backend
+                .range(stream, next)
+                .await?
+                .first()
+                .map(|entry| entry.id)
+        }
+    };
+    Ok(resumed_from.map(|resumed_from| HubEvent::Gap {
+        requested,
+        resumed_from,
+    }))
 }
 
 impl Subscription {

@@ -51,6 +51,31 @@ impl Delivery {
     }
 }
 
+/// Why the server ended a subscription on purpose (SPEC 3.7): each transport tells its client
+/// (SSE `event: end`, a WebSocket frame or close code) so that a deliberate end can be told from
+/// a cut connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EndReason {
+    GroupDeleted,
+    StreamDeleted,
+    Shutdown,
+    TokenExpired,
+    SlowConsumer,
+}
+
+impl EndReason {
+    /// The reason as clients see it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::GroupDeleted => "group_deleted",
+            EndReason::StreamDeleted => "stream_deleted",
+            EndReason::Shutdown => "shutdown",
+            EndReason::TokenExpired => "token_expired",
+            EndReason::SlowConsumer => "slow_consumer",
+        }
+    }
+}
+
 /// The newest entry id of a stream (`0-0` for an empty or missing one).
 pub(crate) async fn newest_id(
     backend: &AnyBackend,

@@ -163,7 +163,7 @@ pub async fn serve(
     }
     let connection = state.connections.open_sse();
     let keepalive = state.config.sse_keepalive_interval_sec;
-    let shutdown = state.shutdown.clone();
+    let ends = state.ends(&caller);
     let frames = match <[Subscription; 1]>::try_from(subscriptions) {
         Ok([subscription]) => {
             let metrics = state.metrics.clone();
@@ -185,7 +185,7 @@ pub async fn serve(
     Ok(sse::response(
         frames,
         keepalive,
-        shutdown,
+        ends,
         Vec::new(),
         (permit, connection),
     ))

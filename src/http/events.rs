@@ -147,18 +147,24 @@ async fn events(
         Mode::AtMostOnce => metrics::mode::AT_MOST_ONCE,
     };
     let tail = frame_tail(&subscription);
-    let frames = futures_util::stream::unfold(subscription, move |mut subscription| {
+    // The messages, then `event: end` when the group or its stream goes away.
+    let frames = futures_util::stream::unfold(Some(subscription), move |subscription| {
         let (metrics, tail) = (metrics.clone(), tail.clone());
         async move {
-            let message = subscription.next().await?;
-            metrics.delivered(metrics::transport::SSE, mode, &message.entry);
-            Some((message_frame(&message, &tail), subscription))
+            let mut subscription = subscription?;
+            match subscription.next().await {
+                Some(message) => {
+                    metrics.delivered(metrics::transport::SSE, mode, &message.entry);
+                    Some((message_frame(&message, &tail), Some(subscription)))
+                }
+                None => Some((sse::end_frame(subscription.end_reason()?), None)),
+            }
         }
     });
     Ok(sse::response(
         frames,
         state.config.sse_keepalive_interval_sec,
-        state.shutdown.clone(),
+        state.ends(&caller),
         vec![(HeaderName::from_static("x-consumer"), consumer_header)],
         (permit, connection),
     ))

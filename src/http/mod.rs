@@ -30,6 +30,7 @@ use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::{Extension, Router};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tower_http::cors::{AllowOrigin, CorsLayer};
 use tracing::Instrument;
 use utoipa_axum::router::OpenApiRouter;
@@ -76,6 +77,8 @@ pub struct Shared {
     pub streaming_permits: Arc<Semaphore>,
     /// Cancelled when shutdown begins.
     pub shutdown: CancellationToken,
+    /// Sessions that outlive their request (upgraded WebSockets), waited for by the drain.
+    pub sessions: TaskTracker,
     pub started_at: Instant,
 }
 
@@ -111,8 +114,17 @@ impl AppState {
             streaming_permits: Arc::new(Semaphore::new(config.limits.max_connections)),
             config,
             shutdown,
+            sessions: TaskTracker::new(),
             started_at: Instant::now(),
         }))
+    }
+
+    /// What ends a stream `caller` opens besides its own events (SSE: [`sse::response`]).
+    pub fn ends(&self, caller: &auth::Caller) -> sse::Ends {
+        sse::Ends {
+            shutdown: self.shutdown.clone(),
+            expires_at: caller.0.expires_at,
+        }
     }
 
     /// A place for one more streaming connection, or 503 at the configured limit.

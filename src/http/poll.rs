@@ -206,10 +206,18 @@ async fn poll(
         cursor: None,
         gaps: Vec::new(),
     };
-    // Wait for the first message (or the timeout, or shutdown); then take what is already there.
+    // Wait for the first message (or the timeout, the credential's expiry, or shutdown); then
+    // take what is already there.
+    let mut wait = Duration::from_secs(timeout);
+    if let Some(expires_at) = caller.0.expires_at {
+        let left = expires_at
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        wait = wait.min(left);
+    }
     let first = tokio::select! {
         polled = merged.next() => polled,
-        _ = tokio::time::sleep(Duration::from_secs(timeout)) => None,
+        _ = tokio::time::sleep(wait) => None,
         _ = state.shutdown.cancelled() => None,
     };
     let mut next = first;

@@ -1,21 +1,31 @@
-//! The accept loop and each connection's first steps. Replaces `axum::serve` for two reasons:
+//! The connection front: the accept loop and each connection's first steps, until hyper (or the
+//! SSE fast path) serves it. Replaces `axum::serve` because:
 //!
-//! - The first request's head is read here, within `HEADER_READ_TIMEOUT` and `MAX_HEAD_BYTES`,
-//!   so a client trickling headers (slowloris) cannot hold a connection; hyper enforces the same
-//!   timeout on later requests of a keep-alive connection.
-//! - An SSE request (the usual first and only request of an `EventSource` connection) is served
-//!   without hyper: the router answers it as any other request, and its event stream is written
-//!   straight to the socket, ended by `Connection: close`. hyper keeps an 8 KiB read and an 8 KiB
+//! - HTTP/1.1 and HTTP/2 share the listener: a TLS connection chooses by ALPN (`h2` offered
+//!   first), a plain one by its first bytes (the HTTP/2 preface: h2c with prior knowledge).
+//! - One deadline, `HEADER_READ_TIMEOUT` from the accept, covers the TLS handshake and the first
+//!   request head, so a client trickling bytes (slowloris) cannot hold a connection; hyper
+//!   enforces the same timeout and limits on later requests of a keep-alive connection. A head
+//!   refused here (408, 414, 431, 400) is answered with problem+json, logged and counted.
+//! - An HTTP/1.1 SSE request (the usual first and only request of an `EventSource` connection) is
+//!   served without hyper: the router answers it as any other request, and the response is
+//!   written straight to the socket with chunked coding (its last chunk tells a deliberate end
+//!   from a cut connection), then the connection closes. hyper keeps an 8 KiB read and an 8 KiB
 //!   write buffer for as long as a response streams, which would be most of an idle SSE
-//!   connection's memory (measured: 19 KiB with them). Everything else, WebSocket upgrades
-//!   included, goes to hyper with the bytes already read.
+//!   connection's memory. Everything else, WebSocket upgrades included, goes to hyper with the
+//!   bytes already read.
+//! - Every write of every connection is bounded by `sse_write_timeout` ([`WriteTimeout`]): a
+//!   client that stops reading is disconnected instead of holding its permit forever.
 //!
-//! Shutdown: stop accepting, let hyper's connections finish their request in flight, and wait for
-//! every connection (SSE streams end on the same token) until the deadline.
+//! Shutdown: stop accepting, let hyper's connections finish their request in flight (HTTP/2:
+//! GOAWAY), and wait for every connection — SSE streams end on the same token, WebSocket
+//! sessions are tracked by the same tracker through [`Front::sessions`] — until the deadline.
 
+use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -23,30 +33,56 @@ use axum::Router;
 use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::http::{HeaderName, HeaderValue, Method, Request, StatusCode, Version, header};
+use axum::response::Response;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use futures_util::{FutureExt, StreamExt};
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper::body::Body as _;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tower::ServiceExt;
 
-/// How long a client may take to send a request's head.
+use super::error::problem_response;
+use crate::metrics::Metrics;
+
+/// How long a client may take, from the accept, to finish the TLS handshake and send its first
+/// request's head (and, on a keep-alive connection, to send each later head).
 pub const HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
-/// The largest request head accepted.
-const MAX_HEAD_BYTES: usize = 16 * 1024;
-/// The most headers one request may have.
-const MAX_HEADERS: usize = 64;
+/// The largest request head accepted (request line and headers).
+pub const MAX_HEAD_BYTES: usize = 16 * 1024;
+/// The longest request line accepted (a longer one is 414).
+pub const MAX_REQUEST_LINE: usize = 8 * 1024;
+/// The most headers one request may have: hyper's own limit, so that every head gets the same
+/// (a lower one would make hyper allocate its header array on the heap for every request).
+const MAX_HEADERS: usize = 100;
 /// Most bytes of ready events written in one go.
 const WRITE_BATCH: usize = 64 * 1024;
+/// How a plain connection speaking HTTP/2 with prior knowledge begins (RFC 9113, 3.4).
+const H2_PREFACE_HEAD: &[u8] = b"PRI * HTTP/2.0\r\n\r\n";
+/// How long a refused connection's remaining input is read (and discarded) after the answer, so
+/// that closing it does not reset the connection before the client has read the answer.
+const LINGER: Duration = Duration::from_secs(1);
 
-/// Serves `router` on `listener` (over TLS with `tls`) until `shutdown`, then drains within
+/// What every connection is served with.
+#[derive(Clone)]
+pub struct Front {
+    pub router: Router,
+    pub metrics: Arc<Metrics>,
+    /// How long one write may stay blocked before the connection is dropped.
+    pub write_timeout: Duration,
+    /// Sessions that outlive their connection's hyper task (upgraded WebSockets): the drain
+    /// waits for them too.
+    pub sessions: TaskTracker,
+}
+
+/// Serves `front` on `listener` (over TLS with `tls`) until `shutdown`, then drains within
 /// `drain_deadline`.
 pub async fn serve(
     listener: TcpListener,
-    router: Router,
+    front: Front,
     tls: Option<TlsAcceptor>,
     shutdown: CancellationToken,
     drain_deadline: Duration,
@@ -67,16 +103,22 @@ pub async fn serve(
             }
         };
         let _ = stream.set_nodelay(true);
-        let router = router.clone();
-        let shutdown = shutdown.clone();
+        let connection = Accepted {
+            front: front.clone(),
+            remote,
+            shutdown: shutdown.clone(),
+            deadline: tokio::time::Instant::now() + HEADER_READ_TIMEOUT,
+        };
         let tls = tls.clone();
         // Each task's future is one allocation that lives as long as the connection, sized for
         // its largest state: the TLS and hyper paths are boxed on their own so that a plain idle
         // SSE connection pays only for what it uses (measured: 10 KiB per task when inline).
         let served = async move {
+            let stream = WriteTimeout::new(stream, connection.front.write_timeout);
+            let remote = connection.remote;
             let served = match tls {
-                Some(tls) => Box::pin(tls_connection(tls, stream, remote, router, shutdown)).await,
-                None => connection(stream, remote, router, shutdown).await,
+                Some(tls) => Box::pin(connection.tls(tls, stream)).await,
+                None => connection.plain(stream).await,
             };
             if let Err(error) = served {
                 tracing::debug!(%error, %remote, "connection ended with an error");
@@ -86,136 +128,312 @@ pub async fn serve(
     }
     drop(listener);
     connections.close();
-    if tokio::time::timeout(drain_deadline, connections.wait())
-        .await
-        .is_err()
-    {
+    front.sessions.close();
+    let drained = async {
+        connections.wait().await;
+        front.sessions.wait().await;
+    };
+    if tokio::time::timeout(drain_deadline, drained).await.is_err() {
         tracing::warn!("drain deadline passed; closing the remaining connections");
     }
 }
 
-/// A TLS connection: the handshake counts against the same deadline as the request head.
-async fn tls_connection(
-    tls: TlsAcceptor,
-    stream: tokio::net::TcpStream,
+/// One accepted connection before its protocol is known.
+struct Accepted {
+    front: Front,
     remote: SocketAddr,
-    router: Router,
     shutdown: CancellationToken,
-) -> io::Result<()> {
-    match tokio::time::timeout(HEADER_READ_TIMEOUT, tls.accept(stream)).await {
-        Ok(Ok(stream)) => connection(stream, remote, router, shutdown).await,
-        Ok(Err(error)) => Err(error),
-        Err(_) => Err(io::Error::new(
-            io::ErrorKind::TimedOut,
-            "TLS handshake timed out",
-        )),
-    }
+    /// When the handshake and the first head must be complete.
+    deadline: tokio::time::Instant,
 }
 
-/// A connection: read its first request head; serve it here if it is an SSE request, else hand
-/// the connection to hyper.
-async fn connection(
-    mut stream: impl Connection,
-    remote: SocketAddr,
-    router: Router,
-    shutdown: CancellationToken,
-) -> io::Result<()> {
-    let mut head = BytesMut::with_capacity(1024);
-    let deadline = tokio::time::sleep(HEADER_READ_TIMEOUT);
-    tokio::pin!(deadline);
-    let head_length = loop {
-        let read = tokio::select! {
-            read = stream.read_buf(&mut head) => read?,
-            _ = &mut deadline => {
-                return refuse(&mut stream, StatusCode::REQUEST_TIMEOUT).await;
+impl Accepted {
+    /// A TLS connection: HTTP/2 when the client chose `h2`, else as a plain one.
+    async fn tls(self, tls: TlsAcceptor, stream: impl Connection) -> io::Result<()> {
+        let stream = match tokio::time::timeout_at(self.deadline, tls.accept(stream)).await {
+            Ok(accepted) => accepted?,
+            Err(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::TimedOut,
+                    "TLS handshake timed out",
+                ));
             }
-            // No request yet, so nothing to finish.
-            _ = shutdown.cancelled() => return Ok(()),
         };
-        if read == 0 {
-            return Ok(());
+        if stream.get_ref().1.alpn_protocol() == Some(b"h2") {
+            return Box::pin(self.http2(stream, Bytes::new())).await;
         }
-        match head_length(&head) {
-            Some(length) if length <= MAX_HEAD_BYTES => break length,
-            None if head.len() <= MAX_HEAD_BYTES => continue,
-            _ => return refuse(&mut stream, StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE).await,
-        }
-    };
-    if head_length == head.len()
-        && let Some(request) = sse_request(&head)
-    {
-        drop(head);
-        return Box::pin(serve_sse(stream, remote, router, request)).await;
+        self.plain(stream).await
     }
-    Box::pin(serve_hyper(stream, head.freeze(), remote, router, shutdown)).await
-}
 
-/// Serves the rest of a connection with hyper, starting with the bytes already read.
-async fn serve_hyper(
-    stream: impl Connection,
-    prefix: Bytes,
-    remote: SocketAddr,
-    router: Router,
-    shutdown: CancellationToken,
-) -> io::Result<()> {
-    let io = TokioIo::new(Rewind {
-        prefix,
-        inner: stream,
-    });
-    let service = hyper::service::service_fn(move |mut request: Request<hyper::body::Incoming>| {
-        request.extensions_mut().insert(ConnectInfo(remote));
-        router.clone().oneshot(request.map(Body::new))
-    });
-    let connection = hyper::server::conn::http1::Builder::new()
-        .timer(TokioTimer::new())
-        .header_read_timeout(HEADER_READ_TIMEOUT)
-        .serve_connection(io, service)
-        .with_upgrades();
-    tokio::pin!(connection);
-    let served = tokio::select! {
-        served = connection.as_mut() => served,
-        _ = shutdown.cancelled() => {
-            // Finish the request in flight, then close (idle keep-alive connections at once).
-            connection.as_mut().graceful_shutdown();
-            connection.await
+    /// Reads the first request head; serves it here if it is an SSE request, else hands the
+    /// connection to hyper (HTTP/2 when it began with the preface).
+    async fn plain(self, mut stream: impl Connection) -> io::Result<()> {
+        let mut head = BytesMut::with_capacity(1024);
+        let deadline = tokio::time::sleep_until(self.deadline);
+        tokio::pin!(deadline);
+        let head_length = loop {
+            let read = tokio::select! {
+                read = stream.read_buf(&mut head) => read?,
+                _ = &mut deadline => {
+                    if head.is_empty() {
+                        // Opened and never used (a browser's speculative connection): nothing
+                        // to answer.
+                        return Ok(());
+                    }
+                    return self.refuse(stream, Refusal::Timeout).await;
+                }
+                // No request yet, so nothing to finish.
+                _ = self.shutdown.cancelled() => return Ok(()),
+            };
+            if read == 0 {
+                return Ok(());
+            }
+            match head_length(&head) {
+                Some(length) => break length,
+                None => match oversized(&head) {
+                    Some(refusal) => return self.refuse(stream, refusal).await,
+                    None => continue,
+                },
+            }
+        };
+        if head.starts_with(H2_PREFACE_HEAD) {
+            return Box::pin(self.http2(stream, head.freeze())).await;
         }
-    };
-    served.map_err(io::Error::other)
+        if let Some(refusal) = oversized(&head[..head_length]) {
+            return self.refuse(stream, refusal).await;
+        }
+        match parse_head(&head[..head_length]) {
+            Err(refusal) => self.refuse(stream, refusal).await,
+            Ok(Some(request)) if head_length == head.len() => {
+                drop(head);
+                Box::pin(self.sse(stream, request)).await
+            }
+            Ok(_) => Box::pin(self.http1(stream, head.freeze())).await,
+        }
+    }
+
+    /// Serves the rest of an HTTP/1.1 connection with hyper, starting with the bytes already
+    /// read, with the same limits and deadline as the first head.
+    async fn http1(self, stream: impl Connection, prefix: Bytes) -> io::Result<()> {
+        let io = TokioIo::new(Rewind {
+            prefix,
+            inner: stream,
+        });
+        let connection = hyper::server::conn::http1::Builder::new()
+            .timer(TokioTimer::new())
+            .header_read_timeout(HEADER_READ_TIMEOUT)
+            .max_header_size(MAX_HEAD_BYTES)
+            .serve_connection(io, service(self.front.clone(), self.remote))
+            .with_upgrades();
+        tokio::pin!(connection);
+        let served = tokio::select! {
+            served = connection.as_mut() => served,
+            _ = self.shutdown.cancelled() => {
+                // Finish the request in flight, then close (idle keep-alive connections at once).
+                connection.as_mut().graceful_shutdown();
+                connection.await
+            }
+        };
+        if let Err(error) = &served {
+            self.count_refused_by_hyper(error);
+        }
+        served.map_err(io::Error::other)
+    }
+
+    /// Serves an HTTP/2 connection (after TLS with ALPN `h2`, or in clear text with prior
+    /// knowledge, `prefix` then holding the bytes already read). Each request is a stream of
+    /// its own; SSE and long-poll responses are streams too, so `limits.max_connections`
+    /// (taken per streaming response) counts them.
+    async fn http2(self, stream: impl Connection, prefix: Bytes) -> io::Result<()> {
+        let io = TokioIo::new(Rewind {
+            prefix,
+            inner: stream,
+        });
+        let connection = hyper::server::conn::http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .max_header_list_size(MAX_HEAD_BYTES as u32)
+            .serve_connection(io, service(self.front.clone(), self.remote));
+        tokio::pin!(connection);
+        let served = tokio::select! {
+            served = connection.as_mut() => served,
+            _ = self.shutdown.cancelled() => {
+                // GOAWAY: no new streams; those in flight finish (SSE ends on the same token).
+                connection.as_mut().graceful_shutdown();
+                connection.await
+            }
+        };
+        served.map_err(io::Error::other)
+    }
+
+    /// Answers a plain HTTP/1.1 SSE request: the router decides; the response is written
+    /// straight to the socket, an event stream until it ends or the client goes away.
+    async fn sse(self, stream: impl Connection, mut request: Request<Body>) -> io::Result<()> {
+        request.extensions_mut().insert(ConnectInfo(self.remote));
+        let response = match self.front.router.oneshot(request).await {
+            Ok(response) => response,
+            Err(never) => match never {},
+        };
+        write_response(stream, response).await
+    }
+
+    /// Answers a request head that cannot be served (problem+json, then close), logs and counts
+    /// it.
+    async fn refuse(self, mut stream: impl Connection, why: Refusal) -> io::Result<()> {
+        let (response, length) = refusal(&self.front, self.remote, why);
+        let (parts, body) = response.into_parts();
+        let body = axum::body::to_bytes(body, length).await.unwrap_or_default();
+        let mut out = response_head(&parts, Some(body.len()));
+        out.put_slice(&body);
+        stream.write_all(&out).await?;
+        stream.shutdown().await?;
+        // Read what the client still sends (the rest of an oversized head) for a moment: closing
+        // with unread input would reset the connection and could discard the answer unread.
+        let mut sink = [0u8; 1024];
+        let _ = tokio::time::timeout(LINGER, async {
+            while stream.read(&mut sink).await.is_ok_and(|n| n > 0) {}
+        })
+        .await;
+        Ok(())
+    }
+
+    /// Logs and counts a later request head hyper refused (its answer, if any, has no body).
+    fn count_refused_by_hyper(&self, error: &hyper::Error) {
+        let status = if error.is_timeout() {
+            StatusCode::REQUEST_TIMEOUT
+        } else if error.is_parse_too_large() {
+            StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
+        } else if error.is_parse() {
+            StatusCode::BAD_REQUEST
+        } else {
+            return;
+        };
+        tracing::info!(status = status.as_u16(), remote = %self.remote, %error, "refused a request head");
+        self.front.metrics.refused_head(status.as_u16());
+    }
 }
 
-/// The length of the request head in `bytes` once it is complete.
-fn head_length(bytes: &[u8]) -> Option<usize> {
-    bytes
-        .windows(4)
-        .position(|window| window == b"\r\n\r\n")
-        .map(|end| end + 4)
+/// The router as a hyper service, telling handlers the client's address. A request line over
+/// the limit is refused here as on a connection's first head (hyper's own limit is the whole
+/// head's).
+fn service(
+    front: Front,
+    remote: SocketAddr,
+) -> impl hyper::service::Service<
+    Request<hyper::body::Incoming>,
+    Response = Response,
+    Error = std::convert::Infallible,
+    Future = impl Future<Output = Result<Response, std::convert::Infallible>> + Send,
+> + Clone {
+    hyper::service::service_fn(move |mut request: Request<hyper::body::Incoming>| {
+        let front = front.clone();
+        async move {
+            let target = request.uri().path_and_query();
+            let line = request.method().as_str().len()
+                + target.map_or(0, |target| target.as_str().len())
+                + " HTTP/1.1".len()
+                + 1;
+            if line > MAX_REQUEST_LINE {
+                return Ok(refusal(&front, remote, Refusal::RequestLineTooLong).0);
+            }
+            request.extensions_mut().insert(ConnectInfo(remote));
+            front.router.oneshot(request.map(Body::new)).await
+        }
+    })
 }
 
-/// A minimal answer to a client that never sent a complete head.
-async fn refuse(stream: &mut impl Connection, status: StatusCode) -> io::Result<()> {
-    let reply = format!(
-        "HTTP/1.1 {} {}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
-        status.as_u16(),
-        status.canonical_reason().unwrap_or("")
+/// The answer to a refused head (problem+json, connection closed after it), logged and counted;
+/// with its body's length.
+fn refusal(front: &Front, remote: SocketAddr, refusal: Refusal) -> (Response, usize) {
+    let (status, slug, detail) = refusal.describe();
+    tracing::info!(
+        status = status.as_u16(),
+        %remote,
+        detail,
+        "refused a request head"
     );
-    let _ = tokio::time::timeout(Duration::from_secs(1), stream.write_all(reply.as_bytes())).await;
-    Ok(())
+    front.metrics.refused_head(status.as_u16());
+    let mut response = problem_response(status, slug, detail.to_owned());
+    response
+        .headers_mut()
+        .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    let length = response.body().size_hint().exact().unwrap_or(0) as usize;
+    (response, length)
 }
 
-/// Whether a path is one of the SSE routes.
-fn is_sse_path(path: &str) -> bool {
-    path == "/api/events"
-        || path == "/sse/connect"
-        || (path.starts_with("/api/streams/") && path.ends_with("/events"))
+/// Why a request head was refused before any handler saw it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Refusal {
+    Timeout,
+    RequestLineTooLong,
+    HeadTooLarge,
+    Malformed,
 }
 
-/// The request, if the head is a plain HTTP/1.1 GET of an SSE route with no body and no upgrade.
-fn sse_request(head: &[u8]) -> Option<Request<Body>> {
+impl Refusal {
+    fn describe(self) -> (StatusCode, &'static str, &'static str) {
+        match self {
+            Refusal::Timeout => (
+                StatusCode::REQUEST_TIMEOUT,
+                "request-timeout",
+                "the request head did not arrive in time (10 s)",
+            ),
+            Refusal::RequestLineTooLong => (
+                StatusCode::URI_TOO_LONG,
+                "uri-too-long",
+                "the request line is longer than 8 KiB",
+            ),
+            Refusal::HeadTooLarge => (
+                StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE,
+                "header-fields-too-large",
+                "the request head is larger than 16 KiB or has more than 100 headers",
+            ),
+            Refusal::Malformed => (
+                StatusCode::BAD_REQUEST,
+                "bad-request",
+                "the request head is not valid HTTP/1.1",
+            ),
+        }
+    }
+}
+
+/// The length of the request head in `bytes` once it is complete: up to the first empty line,
+/// whether lines end with CRLF or a bare LF (as hyper accepts them).
+fn head_length(bytes: &[u8]) -> Option<usize> {
+    memchr::memchr_iter(b'\n', bytes).find_map(|at| match &bytes[at + 1..] {
+        [b'\n', ..] => Some(at + 2),
+        [b'\r', b'\n', ..] => Some(at + 3),
+        _ => None,
+    })
+}
+
+/// Whether `head` (complete or not yet) is already over a limit.
+fn oversized(head: &[u8]) -> Option<Refusal> {
+    let line = memchr::memchr(b'\n', head).unwrap_or(head.len());
+    if line > MAX_REQUEST_LINE {
+        Some(Refusal::RequestLineTooLong)
+    } else if head.len() > MAX_HEAD_BYTES {
+        Some(Refusal::HeadTooLarge)
+    } else {
+        None
+    }
+}
+
+/// Parses a complete head: the request when it is a plain HTTP/1.1 GET of an SSE route with no
+/// body and no upgrade, `None` for any other valid request (hyper serves it).
+fn parse_head(head: &[u8]) -> Result<Option<Request<Body>>, Refusal> {
     let mut headers = [httparse::EMPTY_HEADER; MAX_HEADERS];
     let mut parsed = httparse::Request::new(&mut headers);
-    if !matches!(parsed.parse(head), Ok(httparse::Status::Complete(_))) {
-        return None;
+    match parsed.parse(head) {
+        Ok(httparse::Status::Complete(_)) => {}
+        Ok(httparse::Status::Partial) => return Err(Refusal::Malformed),
+        Err(httparse::Error::TooManyHeaders) => return Err(Refusal::HeadTooLarge),
+        Err(_) => return Err(Refusal::Malformed),
     }
+    Ok(sse_request(&parsed))
+}
+
+/// The request, if `parsed` is a plain HTTP/1.1 GET of an SSE route with no body and no upgrade.
+fn sse_request(parsed: &httparse::Request<'_, '_>) -> Option<Request<Body>> {
     if parsed.method != Some("GET") || parsed.version != Some(1) {
         return None;
     }
@@ -241,79 +459,83 @@ fn sse_request(head: &[u8]) -> Option<Request<Body>> {
     request.body(Body::empty()).ok()
 }
 
-/// Answers an SSE request: the router decides; an event stream is written straight to the
-/// socket until it ends or the client goes away; anything else (a 401, a 409) is written whole.
-async fn serve_sse(
-    stream: impl Connection,
-    remote: SocketAddr,
-    router: Router,
-    mut request: Request<Body>,
-) -> io::Result<()> {
-    request.extensions_mut().insert(ConnectInfo(remote));
-    let response = match router.oneshot(request).await {
-        Ok(response) => response,
-        Err(never) => match never {},
-    };
-    let (mut reader, mut writer) = tokio::io::split(stream);
-    let streaming = response
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|value| value.as_bytes().starts_with(b"text/event-stream"));
-    if !streaming {
-        let (parts, body) = response.into_parts();
-        let body = axum::body::to_bytes(body, 1 << 20)
-            .await
-            .unwrap_or_default();
-        let mut out = response_head(&parts, Some(body.len()));
-        out.put_slice(&body);
-        writer.write_all(&out).await?;
-        return writer.shutdown().await;
-    }
+/// Whether a path is one of the SSE routes (a test checks this against the router's routes).
+pub fn is_sse_path(path: &str) -> bool {
+    path == "/api/events"
+        || path == "/sse/connect"
+        || (path.starts_with("/api/streams/") && path.ends_with("/events"))
+}
+
+/// Writes `response` to an HTTP/1.1 connection and closes it: the head, then the body as it
+/// comes (chunked unless its length is known), ready events batched into one write, until the
+/// body ends (then the last chunk) or the client goes away.
+async fn write_response(stream: impl Connection, response: Response) -> io::Result<()> {
     let (parts, body) = response.into_parts();
-    writer.write_all(&response_head(&parts, None)).await?;
-    let mut events = body.into_data_stream();
+    let length = body.size_hint().exact().map(|length| length as usize);
+    let chunked = length.is_none();
+    let (mut reader, mut writer) = tokio::io::split(stream);
+    writer.write_all(&response_head(&parts, length)).await?;
+    let mut frames = body.into_data_stream();
     // Reading tells when the client has gone (end of file); it sends nothing else.
     let mut probe = [0u8; 64];
     loop {
         tokio::select! {
-            event = events.next() => {
-                let Some(Ok(first)) = event else { break };
-                let Some(mut next) = events.next().now_or_never() else {
-                    // The usual case, one event ready: written without a copy.
-                    writer.write_all(&first).await?;
-                    continue;
-                };
+            frame = frames.next() => {
+                let Some(Ok(first)) = frame else { break };
                 // Several ready (a burst): one write for all of them, up to a bound.
-                let mut batch = BytesMut::with_capacity(WRITE_BATCH);
-                batch.put_slice(&first);
-                let ended = loop {
-                    match next {
-                        Some(Ok(event)) => batch.put_slice(&event),
-                        _ => break true,
+                let mut batch = vec![first];
+                let mut size = batch[0].len();
+                let mut ended = false;
+                while size < WRITE_BATCH {
+                    match frames.next().now_or_never() {
+                        Some(Some(Ok(frame))) => {
+                            size += frame.len();
+                            batch.push(frame);
+                        }
+                        Some(_) => {
+                            ended = true;
+                            break;
+                        }
+                        None => break,
                     }
-                    if batch.len() >= WRITE_BATCH {
-                        break false;
-                    }
-                    match events.next().now_or_never() {
-                        Some(event) => next = event,
-                        None => break false,
-                    }
-                };
-                writer.write_all(&batch).await?;
+                }
+                writer.write_all(&encode(&batch, size, chunked)).await?;
                 if ended {
                     break;
                 }
             }
             read = reader.read(&mut probe) => match read {
-                Ok(0) | Err(_) => break,
+                Ok(0) | Err(_) => return Ok(()),
                 Ok(_) => continue,
             },
         }
     }
+    if chunked {
+        writer.write_all(b"0\r\n\r\n").await?;
+    }
     writer.shutdown().await
 }
 
-/// `HTTP/1.1 <status>` and the headers, ending the connection after the body.
+/// `frames` as one write: one chunk when `chunked`, else as they are.
+fn encode(frames: &[Bytes], size: usize, chunked: bool) -> Bytes {
+    if let ([frame], false) = (frames, chunked) {
+        return frame.clone();
+    }
+    let mut out = BytesMut::with_capacity(size + 16);
+    if chunked {
+        out.put_slice(format!("{size:x}\r\n").as_bytes());
+    }
+    for frame in frames {
+        out.put_slice(frame);
+    }
+    if chunked {
+        out.put_slice(b"\r\n");
+    }
+    out.freeze()
+}
+
+/// `HTTP/1.1 <status>` and the headers, ending the connection after the body: with its
+/// `content_length` when known, else chunked.
 fn response_head(parts: &axum::http::response::Parts, content_length: Option<usize>) -> BytesMut {
     let mut head = BytesMut::with_capacity(512);
     head.put_slice(b"HTTP/1.1 ");
@@ -333,8 +555,9 @@ fn response_head(parts: &axum::http::response::Parts, content_length: Option<usi
         head.put_slice(value.as_bytes());
         head.put_slice(b"\r\n");
     }
-    if let Some(length) = content_length {
-        head.put_slice(format!("content-length: {length}\r\n").as_bytes());
+    match content_length {
+        Some(length) => head.put_slice(format!("content-length: {length}\r\n").as_bytes()),
+        None => head.put_slice(b"transfer-encoding: chunked\r\n"),
     }
     head.put_slice(b"date: ");
     head.put_slice(httpdate::fmt_http_date(std::time::SystemTime::now()).as_bytes());
@@ -347,7 +570,7 @@ pub trait Connection: AsyncRead + AsyncWrite + Unpin + Send + 'static {}
 
 impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Connection for S {}
 
-/// The TLS acceptor for a PEM certificate chain and private key.
+/// The TLS acceptor for a PEM certificate chain and private key, offering HTTP/2 and HTTP/1.1.
 pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<TlsAcceptor, String> {
     use rustls_pki_types::pem::PemObject;
     use rustls_pki_types::{CertificateDer, PrivateKeyDer};
@@ -365,15 +588,109 @@ pub fn tls_acceptor(cert: &std::path::Path, key: &std::path::Path) -> Result<Tls
     let key = PrivateKeyDer::from_pem_file(key)
         .map_err(|error| format!("cannot read the private key {}: {error}", key.display()))?;
     // The provider is named, not looked up: one crypto library for TLS and JWT (aws-lc-rs).
-    let provider = std::sync::Arc::new(tokio_rustls::rustls::crypto::aws_lc_rs::default_provider());
+    let provider = Arc::new(tokio_rustls::rustls::crypto::aws_lc_rs::default_provider());
     let mut config = tokio_rustls::rustls::ServerConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(|error| format!("TLS versions: {error}"))?
         .with_no_client_auth()
         .with_single_cert(chain, key)
         .map_err(|error| format!("the certificate and key do not form a TLS identity: {error}"))?;
-    config.alpn_protocols = vec![b"http/1.1".to_vec()];
-    Ok(TlsAcceptor::from(std::sync::Arc::new(config)))
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(config)))
+}
+
+/// A TCP connection whose writes fail once one has stayed blocked for `timeout` (the client
+/// stopped reading: its receive window is full). The timer is made the first time a write
+/// blocks, so a connection that never blocks pays nothing for it.
+pub struct WriteTimeout {
+    inner: TcpStream,
+    timeout: Duration,
+    /// Armed while a write is blocked.
+    blocked: Option<Pin<Box<tokio::time::Sleep>>>,
+    armed: bool,
+}
+
+impl WriteTimeout {
+    fn new(inner: TcpStream, timeout: Duration) -> WriteTimeout {
+        WriteTimeout {
+            inner,
+            timeout,
+            blocked: None,
+            armed: false,
+        }
+    }
+
+    /// Passes on a write's outcome; while it is pending, fails it once `timeout` has passed
+    /// since it first blocked.
+    fn bound<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        outcome: Poll<io::Result<T>>,
+    ) -> Poll<io::Result<T>> {
+        if outcome.is_ready() {
+            self.armed = false;
+            return outcome;
+        }
+        let deadline = tokio::time::Instant::now() + self.timeout;
+        let timer = self
+            .blocked
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline)));
+        if !self.armed {
+            timer.as_mut().reset(deadline);
+            self.armed = true;
+        }
+        match timer.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(io::Error::new(
+                io::ErrorKind::TimedOut,
+                "the client stopped reading (sse_write_timeout)",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl AsyncRead for WriteTimeout {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for WriteTimeout {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        let outcome = Pin::new(&mut self.inner).poll_write(cx, buf);
+        self.bound(cx, outcome)
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        let outcome = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs);
+        self.bound(cx, outcome)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let outcome = Pin::new(&mut self.inner).poll_flush(cx);
+        self.bound(cx, outcome)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        let outcome = Pin::new(&mut self.inner).poll_shutdown(cx);
+        self.bound(cx, outcome)
+    }
 }
 
 /// A stream that first yields bytes already read from it.
@@ -432,14 +749,18 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Rewind<S> {
 mod tests {
     use super::*;
 
+    fn sse(head: &[u8]) -> Option<Request<Body>> {
+        parse_head(head).expect("a valid head")
+    }
+
     #[test]
     fn only_plain_sse_gets_qualify() {
-        let sse = b"GET /api/streams/news/events?from=0 HTTP/1.1\r\nHost: x\r\nLast-Event-ID: 1-0\r\n\r\n";
-        let request = sse_request(sse).expect("an SSE request");
+        let head = b"GET /api/streams/news/events?from=0 HTTP/1.1\r\nHost: x\r\nLast-Event-ID: 1-0\r\n\r\n";
+        let request = sse(head).expect("an SSE request");
         assert_eq!(request.uri(), "/api/streams/news/events?from=0");
         assert_eq!(request.headers()["last-event-id"], "1-0");
-        assert!(sse_request(b"GET /api/events?stream=s HTTP/1.1\r\nHost: x\r\n\r\n").is_some());
-        assert!(sse_request(b"GET /sse/connect?channel_id=a HTTP/1.1\r\n\r\n").is_some());
+        assert!(sse(b"GET /api/events?stream=s HTTP/1.1\r\nHost: x\r\n\r\n").is_some());
+        assert!(sse(b"GET /sse/connect?channel_id=a HTTP/1.1\n\n").is_some());
         for other in [
             &b"GET /ws HTTP/1.1\r\nUpgrade: websocket\r\n\r\n"[..],
             b"POST /api/events HTTP/1.1\r\nContent-Length: 2\r\n\r\n",
@@ -448,13 +769,63 @@ mod tests {
             b"GET /admin/streams HTTP/1.1\r\n\r\n",
             b"GET /api/streams/a/messages HTTP/1.1\r\n\r\n",
         ] {
-            assert!(
-                sse_request(other).is_none(),
-                "{}",
-                String::from_utf8_lossy(other)
-            );
+            assert!(sse(other).is_none(), "{}", String::from_utf8_lossy(other));
         }
+        assert_eq!(
+            parse_head(b"GET / HTTP/1.1\r\nbad header\r\n\r\n").err(),
+            Some(Refusal::Malformed)
+        );
+    }
+
+    #[test]
+    fn heads_end_at_the_first_empty_line_with_crlf_or_bare_lf() {
         assert_eq!(head_length(b"GET / HTTP/1.1\r\n\r\nrest"), Some(18));
+        assert_eq!(head_length(b"GET / HTTP/1.1\n\nrest"), Some(16));
+        assert_eq!(head_length(b"GET / HTTP/1.1\nHost: x\r\n\r\n"), Some(26));
         assert_eq!(head_length(b"GET / HTTP/1.1\r\n"), None);
+        assert_eq!(head_length(H2_PREFACE_HEAD), Some(H2_PREFACE_HEAD.len()));
+    }
+
+    #[tokio::test]
+    async fn a_large_answer_on_the_fast_path_is_written_whole() {
+        let body = vec![b'x'; 3 << 20];
+        let response = Response::new(Body::from(body.clone()));
+        let (server, mut client) = tokio::io::duplex(64 * 1024);
+        let writing = tokio::spawn(write_response(server, response));
+        let mut answer = Vec::new();
+        client.read_to_end(&mut answer).await.unwrap();
+        writing.await.unwrap().unwrap();
+        let text = String::from_utf8_lossy(&answer[..200]);
+        assert!(text.contains("content-length: 3145728\r\n"), "{text}");
+        let end = head_length(&answer).unwrap();
+        assert_eq!(&answer[end..], &body[..]);
+    }
+
+    #[tokio::test]
+    async fn a_streamed_answer_is_chunked_with_a_last_chunk() {
+        let frames = futures_util::stream::iter(["data: a\n\n", "data: b\n\n"])
+            .map(|frame| Ok::<_, std::convert::Infallible>(Bytes::from_static(frame.as_bytes())));
+        let response = Response::new(Body::from_stream(frames));
+        let (server, mut client) = tokio::io::duplex(64 * 1024);
+        let writing = tokio::spawn(write_response(server, response));
+        let mut answer = Vec::new();
+        client.read_to_end(&mut answer).await.unwrap();
+        writing.await.unwrap().unwrap();
+        let text = String::from_utf8_lossy(&answer);
+        assert!(text.contains("transfer-encoding: chunked\r\n"), "{text}");
+        let end = head_length(&answer).unwrap();
+        assert_eq!(&text[end..], "12\r\ndata: a\n\ndata: b\n\n\r\n0\r\n\r\n");
+    }
+
+    #[test]
+    fn over_long_lines_and_heads_are_told_apart() {
+        let long_line = format!("GET /{} HTTP/1.1", "a".repeat(MAX_REQUEST_LINE));
+        assert_eq!(
+            oversized(long_line.as_bytes()),
+            Some(Refusal::RequestLineTooLong)
+        );
+        let big_head = format!("GET / HTTP/1.1\r\nx: {}\r\n", "a".repeat(MAX_HEAD_BYTES));
+        assert_eq!(oversized(big_head.as_bytes()), Some(Refusal::HeadTooLarge));
+        assert_eq!(oversized(b"GET / HTTP/1.1\r\n"), None);
     }
 }

@@ -5,7 +5,7 @@
 //! axum's `sse::Event` is not used: it re-encodes for every subscriber and panics on CR/LF in
 //! `id`/`event` (see PITFALLS.md).
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use axum::body::Body;
 use axum::http::{HeaderName, HeaderValue, StatusCode, header};
@@ -14,6 +14,8 @@ use bytes::{BufMut, Bytes, BytesMut};
 use futures_util::{Stream, StreamExt};
 use tokio::time::Instant;
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
+
+use crate::delivery::EndReason;
 
 /// The comment sent when nothing else has been sent for a keep-alive interval.
 pub const KEEPALIVE: &[u8] = b": keepalive\n\n";
@@ -60,14 +62,27 @@ pub fn json_string(text: &str) -> String {
     serde_json::to_string(text).unwrap_or_else(|_| "\"\"".to_owned())
 }
 
+/// What ends a stream besides its own events: shutdown, and the expiry of the credential that
+/// opened it.
+pub struct Ends {
+    pub shutdown: CancellationToken,
+    pub expires_at: Option<SystemTime>,
+}
+
+/// The last event of a stream the server ends on purpose: `event: end` with the reason.
+pub fn end_frame(reason: EndReason) -> Bytes {
+    let data = format!(r#"{{"reason":"{}"}}"#, reason.as_str());
+    frame(Some("end"), None, data.as_bytes())
+}
+
 /// An SSE response over `events`, with keep-alive comments every `keepalive` (if set), ending
-/// when `events` ends or `shutdown` is cancelled. The first bytes go out at once, so clients see
-/// the headers without waiting for a message. `guard` (a connection permit, a counter) lives as
-/// long as the response body.
+/// when `events` ends, or with an `event: end` frame at shutdown or when the credential expires
+/// (`ends`). The first bytes go out at once, so clients see the headers without waiting for a
+/// message. `guard` (a connection permit, a counter) lives as long as the response body.
 pub fn response<G: Send + 'static>(
     events: impl Stream<Item = Bytes> + Send + 'static,
     keepalive: Option<Duration>,
-    shutdown: CancellationToken,
+    ends: Ends,
     extra_headers: Vec<(HeaderName, HeaderValue)>,
     guard: G,
 ) -> Response {
@@ -77,17 +92,31 @@ pub fn response<G: Send + 'static>(
         keepalive: Option<KeepAlive>,
         /// Made once (registering with the token once, not once per event).
         shutdown: std::pin::Pin<Box<WaitForCancellationFutureOwned>>,
+        /// Set when the credential expires (boxed: most streams have none).
+        expiry: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
         started: bool,
+        ended: bool,
         _guard: G,
     }
+    let expiry = ends.expires_at.map(|at| {
+        let left = at
+            .duration_since(SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        Box::pin(tokio::time::sleep(left))
+    });
     let state = State {
         events: Box::pin(events),
         keepalive: keepalive.map(KeepAlive::new),
-        shutdown: Box::pin(shutdown.cancelled_owned()),
+        shutdown: Box::pin(ends.shutdown.cancelled_owned()),
+        expiry,
         started: false,
+        ended: false,
         _guard: guard,
     };
     let body = futures_util::stream::unfold(state, |mut state| async move {
+        if state.ended {
+            return None;
+        }
         if !state.started {
             state.started = true;
             // `retry:` asks browsers to reconnect after one second (their default is three).
@@ -95,7 +124,14 @@ pub fn response<G: Send + 'static>(
         }
         let next = tokio::select! {
             biased;
-            _ = state.shutdown.as_mut() => None,
+            _ = state.shutdown.as_mut() => {
+                state.ended = true;
+                Some(end_frame(EndReason::Shutdown))
+            }
+            _ = expired(&mut state.expiry) => {
+                state.ended = true;
+                Some(end_frame(EndReason::TokenExpired))
+            }
             event = state.events.next() => event,
             _ = due(&mut state.keepalive) => Some(Bytes::from_static(KEEPALIVE)),
         };
@@ -121,6 +157,14 @@ pub fn response<G: Send + 'static>(
         headers.insert(name, value);
     }
     response
+}
+
+/// Resolves when the credential has expired; never without an expiry.
+async fn expired(expiry: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>) {
+    match expiry {
+        Some(sleep) => sleep.as_mut().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// When the next keep-alive comment is due. Sending an event only notes the time; the timer is
@@ -170,7 +214,11 @@ mod tests {
         let period = Duration::from_millis(300);
         let (sender, receiver) = tokio::sync::mpsc::channel::<Bytes>(8);
         let events = tokio_stream::wrappers::ReceiverStream::new(receiver);
-        let response = response(events, Some(period), CancellationToken::new(), vec![], ());
+        let ends = Ends {
+            shutdown: CancellationToken::new(),
+            expires_at: None,
+        };
+        let response = response(events, Some(period), ends, vec![], ());
         let mut body = response.into_body().into_data_stream();
         let first = body.next().await.unwrap().unwrap();
         assert!(first.starts_with(b": connected"));

@@ -48,8 +48,11 @@ const WRITE_BUFFER: usize = 8 * 1024;
 /// A socket that cannot take a frame for this long is closed with 1013 (try again later).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Close codes.
+const POLICY_VIOLATION: u16 = 1008;
 const SERVICE_RESTART: u16 = 1012;
 const TRY_AGAIN_LATER: u16 = 1013;
+/// How long the closing handshake waits for the client's close frame.
+const CLOSE_WAIT: Duration = Duration::from_secs(1);
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(upgrade))
@@ -75,12 +78,21 @@ async fn upgrade(
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
     let upgrade = upgrade.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
+    // The drain waits for every session, as for any connection.
+    let tracked = state.sessions.token();
     let Ok(permit) = state.streaming_permit() else {
         // Over the connection cap. A browser never sees an upgrade's HTTP status, only the close
         // code, so the socket opens and closes at once with 1013 (try again later).
         return Ok(upgrade.on_upgrade(|socket| async move {
-            let (mut sink, _) = socket.split();
-            close(&mut sink, TRY_AGAIN_LATER, "at capacity, retry in 1 s").await;
+            let (mut sink, mut incoming) = socket.split();
+            close(
+                &mut sink,
+                &mut incoming,
+                TRY_AGAIN_LATER,
+                "at capacity, retry in 1 s",
+            )
+            .await;
+            drop(tracked);
         }));
     };
     let connection = state.connections.open_websocket();
@@ -93,20 +105,40 @@ async fn upgrade(
         .max_frame_size(max_message)
         .on_upgrade(move |socket| async move {
             session(socket, state, caller).await;
-            drop((permit, connection));
+            drop((permit, connection, tracked));
         }))
 }
 
 /// What the socket task forwards from a subscription: a frame to send.
 type Outgoing = BoxStream<'static, Utf8Bytes>;
 
+type Sink = futures_util::stream::SplitSink<WebSocket, Message>;
+type Incoming = futures_util::stream::SplitStream<WebSocket>;
+
 async fn session(socket: WebSocket, state: AppState, caller: Caller) {
     let (mut sink, mut incoming) = socket.split();
     let mut subscriptions: StreamMap<StreamName, Outgoing> = StreamMap::new();
+    let expires = state.ends(&caller).expires_at.map(|at| {
+        let left = at
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or(Duration::ZERO);
+        Box::pin(tokio::time::sleep(left))
+    });
+    let expired = async {
+        match expires {
+            Some(sleep) => sleep.await,
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(expired);
     loop {
         let replies: Vec<Utf8Bytes> = tokio::select! {
             _ = state.shutdown.cancelled() => {
-                close(&mut sink, SERVICE_RESTART, "server restarting").await;
+                close(&mut sink, &mut incoming, SERVICE_RESTART, "server restarting").await;
+                return;
+            }
+            _ = &mut expired => {
+                close(&mut sink, &mut incoming, POLICY_VIOLATION, "token expired").await;
                 return;
             }
             frame = incoming.next() => match frame {
@@ -115,7 +147,13 @@ async fn session(socket: WebSocket, state: AppState, caller: Caller) {
                 Some(Ok(Message::Text(text))) => Box::pin(handle(&state, &caller, &mut subscriptions, text)).await,
                 Some(Ok(Message::Binary(_))) => vec![error_frame(None, "unsupported", "send JSON text frames")],
                 Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
-                Some(Ok(Message::Close(_)) | Err(_)) | None => return,
+                Some(Ok(Message::Close(_))) => {
+                    // The client began the closing handshake: the reply tungstenite queued goes
+                    // out with this flush, so the client sees a clean close.
+                    let _ = tokio::time::timeout(CLOSE_WAIT, sink.close()).await;
+                    return;
+                }
+                Some(Err(_)) | None => return,
             },
             Some((_, frame)) = subscriptions.next(), if !subscriptions.is_empty() => vec![frame],
         };
@@ -124,7 +162,13 @@ async fn session(socket: WebSocket, state: AppState, caller: Caller) {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => return,
                 Err(_) => {
-                    close(&mut sink, TRY_AGAIN_LATER, "too slow to keep up").await;
+                    close(
+                        &mut sink,
+                        &mut incoming,
+                        TRY_AGAIN_LATER,
+                        "too slow to keep up",
+                    )
+                    .await;
                     return;
                 }
             }
@@ -132,19 +176,25 @@ async fn session(socket: WebSocket, state: AppState, caller: Caller) {
     }
 }
 
-async fn close(
-    sink: &mut futures_util::stream::SplitSink<WebSocket, Message>,
-    code: u16,
-    reason: &'static str,
-) {
+/// The server's side of the closing handshake: its close frame, then what the client still sends
+/// is read (and dropped) until the client's close frame or [`CLOSE_WAIT`]. Closing the socket
+/// with unread input would reset the connection, and a client that was sending at that moment
+/// would lose the close frame unread.
+async fn close(sink: &mut Sink, incoming: &mut Incoming, code: u16, reason: &'static str) {
     let frame = CloseFrame {
         code,
         reason: Utf8Bytes::from_static(reason),
     };
-    let _ = tokio::time::timeout(
-        Duration::from_secs(1),
-        sink.send(Message::Close(Some(frame))),
-    )
+    let _ = tokio::time::timeout(CLOSE_WAIT, async {
+        if sink.send(Message::Close(Some(frame))).await.is_err() {
+            return;
+        }
+        while let Some(Ok(message)) = incoming.next().await {
+            if matches!(message, Message::Close(_)) {
+                break;
+            }
+        }
+    })
     .await;
 }
 
@@ -428,19 +478,30 @@ fn broadcast_starts(topics: &[StreamName], from: Option<&str>) -> Result<Vec<Sta
     }
 }
 
-/// A group subscription's messages as frames, then an `error` frame if it ends (the group went
-/// away).
+/// A group subscription's messages as frames, then, if the group or its stream goes away, an
+/// `error` frame with code `subscription_ended` and the `reason` (as SSE's `event: end`).
 fn group_messages(
     subscription: crate::delivery::groups::Subscription,
     metrics: Arc<Metrics>,
     mode: &'static str,
 ) -> Outgoing {
-    let topic = subscription.stream.clone();
-    let group = subscription.group.clone();
-    let messages = futures_util::stream::unfold(subscription, move |mut subscription| {
+    futures_util::stream::unfold(Some(subscription), move |subscription| {
         let metrics = metrics.clone();
         async move {
-            let message = subscription.next().await?;
+            let mut subscription = subscription?;
+            let Some(message) = subscription.next().await else {
+                let reason = subscription.end_reason()?;
+                let fields = format!(
+                    r#","code":"subscription_ended","reason":"{}","topic":{},"message":{}"#,
+                    reason.as_str(),
+                    json_string(subscription.stream.as_str()),
+                    json_string(&format!(
+                        "the group {} of {} is gone; subscribe again to recreate it",
+                        subscription.group, subscription.stream
+                    )),
+                );
+                return Some((reply("error", None, &fields), None));
+            };
             metrics.delivered(metrics::transport::WEBSOCKET, mode, &message.entry);
             let reference = MessageRef {
                 stream: subscription.stream.clone(),
@@ -453,17 +514,10 @@ fn group_messages(
                 &message.entry.body_json(),
                 Some(message.deliveries),
             );
-            Some((frame, subscription))
+            Some((frame, Some(subscription)))
         }
-    });
-    let ended = futures_util::stream::once(async move {
-        error_frame(
-            None,
-            "subscription_ended",
-            &format!("the group {group} of {topic} is gone; subscribe again to recreate it"),
-        )
-    });
-    messages.chain(ended).boxed()
+    })
+    .boxed()
 }
 
 /// A broadcast subscription's events as frames; a message's frame is encoded once for every

@@ -20,6 +20,7 @@ on_each_backend!(
     replay_then_live_survives_reconnects_at_random_moments,
     a_trimmed_resume_point_is_announced_as_a_gap,
     a_resume_before_the_first_entry_of_an_untouched_stream_is_no_gap,
+    an_entry_deleted_after_the_resume_point_is_a_gap = "[consumer]\ndelete_on_finish = true\n",
     bad_or_future_resume_points_are_400,
     a_cursor_resumes_each_of_several_streams,
     subscriptions_start_at_new_messages_by_default,
@@ -181,6 +182,42 @@ async fn a_resume_before_the_first_entry_of_an_untouched_stream_is_no_gap(app: T
                 .collect::<Vec<_>>()
         );
         assert_eq!(bodies(&events), [json!(0), json!(1), json!(2)]);
+    }
+}
+
+/// SPEC 3.3: an entry deleted by id after the resume point (here by a group's finish with
+/// `delete_on_finish`) is a gap even though older entries are still there; one deleted at or
+/// before the resume point is none.
+async fn an_entry_deleted_after_the_resume_point_is_a_gap(app: TestApp) {
+    let ids = app
+        .publish_batch("holey", (0..4).map(|n| json!(n)).collect())
+        .await;
+    let mut consumer = app.consume("holey", "g", "&consumer=c").await;
+    consumer.events(4, WAIT).await;
+    assert_eq!(app.finish("holey", "g", "c", &ids[2]).await, 200);
+    let mut client = app
+        .subscribe(
+            "/api/streams/holey/events",
+            &[("last-event-id", ids[0].as_str())],
+        )
+        .await;
+    let gap = client.next_event(WAIT).await.unwrap();
+    assert_eq!(gap.event.as_deref(), Some("gap"));
+    assert_eq!(
+        gap.json(),
+        json!({ "stream": "holey", "requested": ids[0], "resumed_from": ids[1] })
+    );
+    assert_eq!(bodies(&client.events(2, WAIT).await), [json!(1), json!(3)]);
+    for resumed in [&ids[2], &ids[3]] {
+        let mut client = app
+            .subscribe(
+                "/api/streams/holey/events?from=0",
+                &[("last-event-id", resumed.as_str())],
+            )
+            .await;
+        app.publish("holey", json!("next")).await;
+        let next = client.next_event(WAIT).await.unwrap();
+        assert_eq!(next.event, None, "resumed after {resumed}: {next:?}");
     }
 }
 
@@ -593,7 +630,7 @@ async fn redis_bridge_resubscribes_after_a_redis_restart() {
 }
 
 /// Whether the browser test can run here: Node, the installed playwright-core, and Chromium.
-fn browser_available() -> bool {
+pub(crate) fn browser_available() -> bool {
     let root = env!("CARGO_MANIFEST_DIR");
     let ready = std::path::Path::new(&format!(
         "{root}/tests/browser/node_modules/playwright-core"

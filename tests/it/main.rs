@@ -45,6 +45,7 @@ mod cli;
 mod cluster;
 mod conformance;
 mod copy;
+mod front;
 mod groups;
 
 mod health;

@@ -847,3 +847,60 @@ async fn redis_a_ten_second_outage_under_load_loses_no_acknowledged_publish() {
         acknowledged.len()
     );
 }
+
+on_each_backend!(a_token_expiry_ends_the_streams_it_opened = JWT_HS256);
+
+/// A JWT's `exp` (plus the 30 s clock-skew leeway) bounds the streams it opened: an SSE stream
+/// ends with `event: end` `token_expired`, a WebSocket closes with 1008, a long-poll returns.
+async fn a_token_expiry_ends_the_streams_it_opened(app: TestApp) {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+    // Accepted for about 3 more seconds.
+    let token = hs256(json!({
+        "sub": "brief", "exp": now_secs() - 27, "aud": "streamgate-tests",
+        "iss": "https://issuer.test", "scope": "consume publish",
+    }));
+    let started = std::time::Instant::now();
+    let mut events = crate::helpers::sse::SseClient::open(
+        app.client
+            .get(app.url("/api/streams/expiring/events"))
+            .bearer_auth(&token),
+    )
+    .await;
+    assert_eq!(events.status, 200);
+    let url = format!("ws://{}/ws?token={token}", app.address);
+    let (mut socket, _) = tokio_tungstenite::connect_async(url).await.unwrap();
+    let poll = app
+        .client
+        .get(app.url("/api/v1/poll?topics=expiring&timeout=30"))
+        .bearer_auth(&token)
+        .send();
+
+    let end = events
+        .next_event(Duration::from_secs(15))
+        .await
+        .expect("an end event");
+    assert_eq!(end.event.as_deref(), Some("end"));
+    assert_eq!(end.json(), json!({ "reason": "token_expired" }));
+    assert!(events.ends_within(Duration::from_secs(5)).await);
+    let closed = loop {
+        match tokio::time::timeout(Duration::from_secs(15), socket.next()).await {
+            Ok(Some(Ok(Message::Close(frame)))) => break frame.map(|frame| frame.code),
+            Ok(Some(Ok(_))) => continue,
+            other => panic!("no close frame: {other:?}"),
+        }
+    };
+    assert_eq!(closed, Some(CloseCode::Policy));
+    let polled = tokio::time::timeout(Duration::from_secs(15), poll)
+        .await
+        .expect("the long-poll returned at expiry")
+        .unwrap();
+    assert_eq!(polled.status(), 200);
+    assert!(
+        started.elapsed() < Duration::from_secs(12),
+        "{:?}",
+        started.elapsed()
+    );
+}

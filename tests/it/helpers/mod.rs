@@ -273,6 +273,11 @@ impl TestApp {
         self.redis.as_mut().expect("this test app runs on Redis")
     }
 
+    /// Begins this streamgate's shutdown (its streams end, its connections drain).
+    pub fn begin_shutdown(&self) {
+        self.shutdown.cancel();
+    }
+
     /// Stops this streamgate and hands over its redis-server (for a second instance).
     pub fn into_redis(mut self) -> RedisServer {
         self.shutdown.cancel();

@@ -31,6 +31,8 @@ pub struct SseClient {
     /// Comment lines seen so far (`: keepalive`, …), without the colon.
     pub comments: Vec<String>,
     ended: bool,
+    /// The stream ended with an error (a cut connection), not with the body's clean end.
+    pub cut: bool,
 }
 
 impl SseClient {
@@ -48,6 +50,7 @@ impl SseClient {
             buffer: BytesMut::new(),
             comments: Vec::new(),
             ended: false,
+            cut: false,
         }
     }
 
@@ -109,7 +112,8 @@ impl SseClient {
             }
             match tokio::time::timeout_at(deadline, self.body.next()).await {
                 Ok(Some(Ok(chunk))) => self.buffer.extend_from_slice(&chunk),
-                Ok(Some(Err(_)) | None) => self.ended = true,
+                Ok(Some(Err(_))) => (self.ended, self.cut) = (true, true),
+                Ok(None) => self.ended = true,
                 Err(_) => return None,
             }
         }
@@ -133,7 +137,8 @@ impl SseClient {
         while !self.ended {
             match tokio::time::timeout_at(deadline, self.body.next()).await {
                 Ok(Some(Ok(chunk))) => self.buffer.extend_from_slice(&chunk),
-                Ok(Some(Err(_)) | None) => self.ended = true,
+                Ok(Some(Err(_))) => (self.ended, self.cut) = (true, true),
+                Ok(None) => self.ended = true,
                 Err(_) => return false,
             }
         }
