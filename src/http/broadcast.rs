@@ -10,31 +10,17 @@
 use axum::extract::State;
 use axum::http::HeaderMap;
 use axum::response::Response;
-use bytes::{BufMut, Bytes, BytesMut};
-use futures_util::StreamExt;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::AppState;
 use super::auth::Caller;
+use super::consume::{ConsumeRequest, Words};
 use super::error::ApiError;
+use super::events;
 use super::extract::{QueryPairs, StreamPath, stream_name};
 use super::openapi::{Conflicting, Guarded, Invalid, SseEvent, StartSchema, StreamParam};
-use super::sse::{self, json_string};
-use crate::auth::Scope;
-use std::sync::Arc;
-
-use crate::delivery::cursor;
-use crate::delivery::hub::{Frame, HubEvent, Start, SubscribeError, Subscription};
-use crate::metrics::{self, Metrics};
-use crate::model::{EntryId, StreamName};
-
-/// The frame caches each broadcast message keeps (see [`Frame::encoded`]).
-const SLOT_SSE_FRAME: usize = 0;
-const SLOT_SSE_DATA: usize = 1;
-
-/// Most streams on one connection.
-const MAX_STREAMS: usize = 64;
+use crate::model::StreamName;
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -69,7 +55,7 @@ async fn stream_events(
     headers: HeaderMap,
     query: QueryPairs,
 ) -> Result<Response, ApiError> {
-    serve(state, caller, vec![stream], &headers, &query).await
+    serve(state, caller, stream, &headers, &query).await
 }
 
 /// Seed 002's broadcast: the channel's stream is `broadcast.channel_prefix` + `channel_id`.
@@ -103,251 +89,23 @@ async fn channel_events(
         "{}{channel}",
         state.config.broadcast.channel_prefix
     ))?;
-    serve(state, caller, vec![stream], &headers, &query).await
+    serve(state, caller, stream, &headers, &query).await
 }
 
-/// The streams of `/api/events` without a group: `stream` (repeatable) and `streams=a,b`.
-pub fn requested_streams(query: &QueryPairs) -> Result<Vec<StreamName>, ApiError> {
-    let mut streams = Vec::new();
-    let listed = query.all("streams").flat_map(|list| list.split(','));
-    for name in query
-        .all("stream")
-        .chain(listed)
-        .filter(|name| !name.is_empty())
-    {
-        let stream = stream_name(name)?;
-        if !streams.contains(&stream) {
-            streams.push(stream);
-        }
-    }
-    if streams.is_empty() {
-        return Err(ApiError::BadRequest(
-            "`stream` (or `streams`) is required".into(),
-        ));
-    }
-    if streams.len() > MAX_STREAMS {
-        return Err(ApiError::BadRequest(format!(
-            "at most {MAX_STREAMS} streams per connection"
-        )));
-    }
-    Ok(streams)
-}
-
-/// Subscribes to `streams` and answers with the SSE response.
-pub async fn serve(
+/// Serves a one-stream broadcast route: `from` and the resume point as for `/api/events`.
+async fn serve(
     state: AppState,
     caller: Caller,
-    streams: Vec<StreamName>,
+    stream: StreamName,
     headers: &HeaderMap,
     query: &QueryPairs,
 ) -> Result<Response, ApiError> {
-    for stream in &streams {
-        caller.require(Scope::Consume, stream)?;
-    }
-    let starts = starts(&streams, headers, query)?;
-    let permit = state.streaming_permit()?;
-    let mut subscriptions = Vec::with_capacity(streams.len());
-    for (stream, start) in streams.iter().zip(starts) {
-        let subscription =
-            state
-                .hub
-                .subscribe(stream, start)
-                .await
-                .map_err(|error| match error {
-                    SubscribeError::FutureId { requested, last } => ApiError::BadRequest(format!(
-                        "cannot resume {stream} after {requested}: its last id is {last}"
-                    )),
-                    SubscribeError::Backend(error) => error.into(),
-                })?;
-        subscriptions.push(subscription);
-    }
-    let connection = state.connections.open_sse();
-    let keepalive = state.config.sse_keepalive_interval_sec;
-    let ends = state.ends(&caller);
-    let frames = match <[Subscription; 1]>::try_from(subscriptions) {
-        Ok([subscription]) => {
-            let metrics = state.metrics.clone();
-            futures_util::stream::unfold(subscription, move |mut subscription| {
-                let metrics = metrics.clone();
-                async move {
-                    let event = subscription.next().await?;
-                    count_delivery(&metrics, &event);
-                    Some((
-                        single_stream_frame(&event, subscription.stream()),
-                        subscription,
-                    ))
-                }
-            })
-            .boxed()
-        }
-        Err(subscriptions) => multi_stream_frames(subscriptions, state.metrics.clone()).boxed(),
+    let words = Words {
+        streams_field: "stream",
+        streams: vec![stream.as_str().to_owned()],
+        from: query.one("from")?.map(str::to_owned),
+        resume: events::resume_point(headers, query)?,
+        ..Words::default()
     };
-    Ok(sse::response(
-        frames,
-        keepalive,
-        ends,
-        Vec::new(),
-        (permit, connection),
-    ))
-}
-
-/// Where each stream starts: `Last-Event-ID` header, else `lastEventId`, else `from`.
-fn starts(
-    streams: &[StreamName],
-    headers: &HeaderMap,
-    query: &QueryPairs,
-) -> Result<Vec<Start>, ApiError> {
-    let header = headers.get("last-event-id").map(|value| {
-        value
-            .to_str()
-            .map_err(|_| ApiError::BadRequest("Last-Event-ID is not text".into()))
-            .map(str::trim)
-    });
-    let resume = match header.transpose()? {
-        Some(id) if !id.is_empty() => Some(id),
-        _ => query.one("lastEventId")?.filter(|id| !id.is_empty()),
-    };
-    let from = query.one("from")?;
-    let bad_id = |text: &str| {
-        ApiError::BadRequest(format!(
-            "`{text}` is not an entry id or cursor from this server"
-        ))
-    };
-    if let [stream] = streams {
-        let start = match (resume, from) {
-            (Some(id), _) if id.starts_with("c1.") => {
-                let positions =
-                    cursor::decode(id).map_err(|error| ApiError::BadRequest(error.to_string()))?;
-                match positions.into_iter().find(|(name, _)| name == stream) {
-                    Some((_, id)) => Start::After(id),
-                    None => Start::Latest,
-                }
-            }
-            (Some(id), _) => Start::After(id.parse().map_err(|_| bad_id(id))?),
-            (None, Some("0")) => Start::Beginning,
-            (None, Some("$") | None) => Start::Latest,
-            (None, Some(id)) => {
-                Start::After(EntryId::parse_bound(id, false).map_err(|_| bad_id(id))?)
-            }
-        };
-        return Ok(vec![start]);
-    }
-    let default = match from {
-        None | Some("$") => Start::Latest,
-        Some("0") => Start::Beginning,
-        Some(other) => {
-            return Err(ApiError::BadRequest(format!(
-                "with several streams `from` takes only 0 or $ (got {other:?}); resume with the cursor"
-            )));
-        }
-    };
-    let positions = match resume {
-        Some(token) => {
-            cursor::decode(token).map_err(|error| ApiError::BadRequest(error.to_string()))?
-        }
-        None => Vec::new(),
-    };
-    Ok(streams
-        .iter()
-        .map(
-            |stream| match positions.iter().find(|(name, _)| name == stream) {
-                Some((_, id)) => Start::After(*id),
-                None => default,
-            },
-        )
-        .collect())
-}
-
-/// `{"id":"…","body":…,"stream":"…"}`.
-fn message_json(frame: &Frame) -> Vec<u8> {
-    let id = frame.id().to_string();
-    let body = frame.entry.body_json();
-    let mut json = Vec::with_capacity(body.len() + frame.stream.as_str().len() + 48);
-    json.extend_from_slice(b"{\"id\":\"");
-    json.extend_from_slice(id.as_bytes());
-    json.extend_from_slice(b"\",\"body\":");
-    json.extend_from_slice(&body);
-    json.extend_from_slice(b",\"stream\":");
-    json.extend_from_slice(json_string(frame.stream.as_str()).as_bytes());
-    json.push(b'}');
-    json
-}
-
-fn gap_frame(stream: &StreamName, requested: EntryId, resumed_from: EntryId) -> Bytes {
-    let data = format!(
-        r#"{{"stream":{},"requested":"{requested}","resumed_from":"{resumed_from}"}}"#,
-        json_string(stream.as_str())
-    );
-    sse::frame(Some("gap"), None, data.as_bytes())
-}
-
-/// A one-stream event: the message frame with the entry id, shared by every subscriber.
-fn single_stream_frame(event: &HubEvent, stream: &StreamName) -> Bytes {
-    match event {
-        HubEvent::Message(frame) => frame.encoded(SLOT_SSE_FRAME, |frame| {
-            sse::frame(None, Some(&frame.id().to_string()), &message_json(frame))
-        }),
-        HubEvent::Gap {
-            requested,
-            resumed_from,
-        } => gap_frame(stream, *requested, *resumed_from),
-    }
-}
-
-/// Events of several streams, interleaved as they come, each with the cursor of every stream's
-/// position as its id.
-/// Counts a broadcast message sent over SSE.
-fn count_delivery(metrics: &Metrics, event: &HubEvent) {
-    if let HubEvent::Message(frame) = event {
-        metrics.delivered(
-            metrics::transport::SSE,
-            metrics::mode::BROADCAST,
-            &frame.entry,
-        );
-    }
-}
-
-fn multi_stream_frames(
-    subscriptions: Vec<Subscription>,
-    metrics: Arc<Metrics>,
-) -> impl futures_util::Stream<Item = Bytes> + Send {
-    let mut positions = cursor::Positions::new(
-        subscriptions
-            .iter()
-            .map(|subscription| (subscription.stream().clone(), subscription.position()))
-            .collect(),
-    );
-    let merged = futures_util::stream::select_all(subscriptions.into_iter().enumerate().map(
-        |(index, subscription)| {
-            futures_util::stream::unfold(subscription, move |mut subscription| async move {
-                let event = subscription.next().await?;
-                Some(((index, event), subscription))
-            })
-            .boxed()
-        },
-    ));
-    merged.map(move |(index, event)| match event {
-        HubEvent::Message(frame) => {
-            metrics.delivered(
-                metrics::transport::SSE,
-                metrics::mode::BROADCAST,
-                &frame.entry,
-            );
-            positions.advance_at(index, frame.id());
-            let token = positions.encode();
-            let data = frame.encoded(SLOT_SSE_DATA, |frame| {
-                sse::frame(None, None, &message_json(frame))
-            });
-            let mut bytes = BytesMut::with_capacity(token.len() + data.len() + 8);
-            bytes.put_slice(b"id: ");
-            bytes.put_slice(token.as_bytes());
-            bytes.put_u8(b'\n');
-            bytes.put_slice(&data);
-            bytes.freeze()
-        }
-        HubEvent::Gap {
-            requested,
-            resumed_from,
-        } => gap_frame(positions.stream(index), requested, resumed_from),
-    })
+    events::serve(state, caller, ConsumeRequest::parse(words)?).await
 }

@@ -5,23 +5,21 @@
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderName, HeaderValue};
 use axum::response::Response;
-use bytes::Bytes;
+use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::{Stream, StreamExt};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::AppState;
 use super::auth::Caller;
-use super::broadcast;
+use super::consume::{self, ConsumeRequest, Delivery, Kind, Opened, Words};
 use super::error::ApiError;
-use super::extract::{QueryPairs, stream_name};
-use super::groups::parse_start;
+use super::extract::QueryPairs;
 use super::openapi::{Conflicting, Guarded, Invalid, SseEvent, StartSchema};
 use super::sse::{self, json_string};
-use crate::auth::Scope;
-use crate::backend::GroupStart;
-use crate::delivery::groups::{
-    ConnectError, ConsumerSpec, GroupMessage, MAX_LIMIT, Mode, Subscription,
-};
+use crate::delivery::cursor;
+use crate::delivery::groups::GroupMessage;
+use crate::delivery::hub::Frame;
 use crate::metrics;
 use crate::model::{ConsumerName, EntryId, GroupName, StreamName};
 
@@ -67,128 +65,152 @@ async fn events(
     headers: HeaderMap,
     query: QueryPairs,
 ) -> Result<Response, ApiError> {
-    // The group's own parameters are checked without a group too: a bad one is a 400, not
-    // silently ignored.
-    let consumer = query
-        .one("consumer")?
-        .map(|name| {
-            ConsumerName::parse(name)
-                .map_err(|error| ApiError::BadRequest(format!("invalid consumer name: {error}")))
-        })
-        .transpose()?;
-    let limit = query.parsed("limit", |text| {
-        text.parse::<u32>()
-            .ok()
-            .filter(|limit| (1..=MAX_LIMIT).contains(limit))
-    })?;
-    let mode = query.parsed("mode", |text| match text {
-        "at-least-once" => Some(Mode::AtLeastOnce),
-        "at-most-once" => Some(Mode::AtMostOnce),
-        _ => None,
-    })?;
-    let Some(group) = query.one("group")? else {
-        // Without a group every subscriber sees every message.
-        let streams = broadcast::requested_streams(&query)?;
-        return broadcast::serve(state, caller, streams, &headers, &query).await;
+    let listed = query.all("streams").flat_map(|list| list.split(','));
+    let streams: Vec<String> = query
+        .all("stream")
+        .chain(listed)
+        .map(str::to_owned)
+        .collect();
+    let words = Words {
+        streams_field: "stream",
+        streams,
+        group: query.one("group")?.map(str::to_owned),
+        consumer: query.one("consumer")?.map(str::to_owned),
+        limit: query.one("limit")?.map(str::to_owned),
+        mode: query.one("mode")?.map(str::to_owned),
+        from: query.one("from")?.map(str::to_owned),
+        resume: resume_point(&headers, &query)?,
     };
-    let stream = stream_name(
-        query
-            .one("stream")?
-            .ok_or_else(|| ApiError::BadRequest("`stream` is required".into()))?,
-    )?;
-    caller.require(Scope::Consume, &stream)?;
-    let group = GroupName::parse(group)
-        .map_err(|error| ApiError::BadRequest(format!("invalid group name: {error}")))?;
-    let start = query
-        .parsed("from", parse_start)?
-        .unwrap_or(GroupStart::After(EntryId::MIN));
-    let spec_mode = mode.unwrap_or(Mode::AtLeastOnce);
-    // A browser's EventSource reconnects to the same URL with the last id it received: it comes
-    // back as the consumer that message was delivered to, if that one is free, so the messages it
-    // held come back at once instead of after the visibility timeout.
-    let resumed = match (&consumer, last_event_id(&headers)?) {
-        (None, Some(id)) if spec_mode == Mode::AtLeastOnce => {
-            state.groups.owner_of(&stream, &group, id).await?
+    let request = ConsumeRequest::parse(words)?;
+    if matches!(request.kind, Kind::Group(_)) && request.streams.len() > 1 {
+        return Err(ApiError::BadRequest(
+            "a group consumer reads one `stream`".into(),
+        ));
+    }
+    serve(state, caller, request).await
+}
+
+/// Where a reconnecting SSE client left off: the `Last-Event-ID` header (a browser's reconnect
+/// sends it while its URL keeps the original query), else `lastEventId`.
+pub(super) fn resume_point(
+    headers: &HeaderMap,
+    query: &QueryPairs,
+) -> Result<Option<String>, ApiError> {
+    if let Some(value) = headers.get("last-event-id") {
+        let text = value
+            .to_str()
+            .map_err(|_| ApiError::BadRequest("Last-Event-ID is not text".into()))?
+            .trim();
+        if !text.is_empty() {
+            return Ok(Some(text.to_owned()));
         }
-        _ => None,
-    };
-    let spec = ConsumerSpec {
-        stream,
-        group,
-        consumer: consumer.or(resumed.clone()),
-        limit,
-        start,
-        mode: spec_mode,
-    };
+    }
+    Ok(query
+        .one("lastEventId")?
+        .filter(|id| !id.is_empty())
+        .map(str::to_owned))
+}
+
+/// Opens `request` and answers with its event stream: with one stream, each message's `id:` is
+/// its entry id; with several (broadcast), a cursor covering all of them.
+pub(super) async fn serve(
+    state: AppState,
+    caller: Caller,
+    request: ConsumeRequest,
+) -> Result<Response, ApiError> {
     let permit = state.streaming_permit()?;
-    let connected = match state.groups.connect(spec.clone()).await {
-        // That consumer is connected elsewhere: this one is a new consumer after all.
-        Err(ConnectError::Duplicate(_)) if resumed.is_some() => {
-            let fresh = ConsumerSpec {
-                consumer: None,
-                ..spec
-            };
-            state.groups.connect(fresh).await
-        }
-        connected => connected,
-    };
-    let subscription = connected.map_err(|error| match error {
-        ConnectError::Duplicate(name) => ApiError::Conflict(format!(
-            "consumer `{name}` is already connected to this group (here or on another instance)"
-        )),
-        ConnectError::Backend(error) => error.into(),
-    })?;
-    let consumer_header = HeaderValue::from_str(subscription.consumer.as_str())
-        .map_err(|_| ApiError::BadRequest("the consumer name cannot be sent in a header".into()))?;
-    let connection = state.connections.open_sse();
-    let metrics = state.metrics.clone();
-    let mode = match spec_mode {
-        Mode::AtLeastOnce => metrics::mode::AT_LEAST_ONCE,
-        Mode::AtMostOnce => metrics::mode::AT_MOST_ONCE,
-    };
-    let tail = frame_tail(&subscription);
-    // The messages, then `event: end` when the group or its stream goes away.
-    let frames = futures_util::stream::unfold(Some(subscription), move |subscription| {
-        let (metrics, tail) = (metrics.clone(), tail.clone());
-        async move {
-            let mut subscription = subscription?;
-            match subscription.next().await {
-                Some(message) => {
-                    metrics.delivered(metrics::transport::SSE, mode, &message.entry);
-                    Some((message_frame(&message, &tail), Some(subscription)))
-                }
-                None => Some((sse::end_frame(subscription.end_reason()?), None)),
+    let opened = consume::open(&state, &caller, request, metrics::transport::SSE).await?;
+    let mut extra_headers = Vec::new();
+    let frames = match <[Opened; 1]>::try_from(opened) {
+        Ok([opened]) => {
+            if let Some((_, consumer)) = &opened.group {
+                let value = HeaderValue::from_str(consumer.as_str()).map_err(|_| {
+                    ApiError::BadRequest("the consumer name cannot be sent in a header".into())
+                })?;
+                extra_headers.push((HeaderName::from_static("x-consumer"), value));
             }
+            one_stream_frames(opened).boxed()
         }
-    });
+        Err(opened) => several_streams_frames(opened).boxed(),
+    };
+    let connection = state.connections.open_sse();
     Ok(sse::response(
         frames,
         state.config.sse_keepalive_interval_sec,
         state.ends(&caller),
-        vec![(HeaderName::from_static("x-consumer"), consumer_header)],
+        extra_headers,
         (permit, connection),
     ))
 }
 
-/// The entry id in `Last-Event-ID`, if the header holds one (other values are a broadcast
-/// cursor's business, not a group's: they are ignored here).
-fn last_event_id(headers: &HeaderMap) -> Result<Option<EntryId>, ApiError> {
-    let Some(value) = headers.get("last-event-id") else {
-        return Ok(None);
-    };
-    let text = value
-        .to_str()
-        .map_err(|_| ApiError::BadRequest("Last-Event-ID is not text".into()))?;
-    Ok(text.trim().parse().ok())
+/// The frames of one stream's subscription; a broadcast message's frame is encoded once for
+/// every subscriber.
+fn one_stream_frames(opened: Opened) -> impl Stream<Item = Bytes> + Send + 'static {
+    let tail = opened
+        .group
+        .as_ref()
+        .map(|(group, consumer)| group_tail(&opened.stream, group, consumer));
+    let stream = opened.stream;
+    opened.deliveries.map(move |delivery| match delivery {
+        Delivery::Message(message) => message_frame(&message, tail.as_deref().unwrap_or_default()),
+        Delivery::Broadcast(frame) => frame.encoded(SLOT_SSE_FRAME, |frame| {
+            sse::frame(None, Some(&frame.id().to_string()), &broadcast_json(frame))
+        }),
+        Delivery::Gap {
+            requested,
+            resumed_from,
+        } => gap_frame(&stream, requested, resumed_from),
+        Delivery::End(reason) => sse::end_frame(reason),
+    })
 }
 
-/// What every message of a subscription ends with: `,"stream":…,"group":…,"consumer":…`.
-fn frame_tail(subscription: &Subscription) -> Bytes {
+/// Broadcast events of several streams, interleaved as they come, each with the cursor of every
+/// stream's position as its id.
+fn several_streams_frames(opened: Vec<Opened>) -> impl Stream<Item = Bytes> + Send + 'static {
+    let mut positions = cursor::Positions::new(
+        opened
+            .iter()
+            .map(|opened| (opened.stream.clone(), opened.position))
+            .collect(),
+    );
+    consume::merge(opened).filter_map(move |(index, delivery)| {
+        let frame = match delivery {
+            Delivery::Broadcast(frame) => {
+                positions.advance_at(index, frame.id());
+                let token = positions.encode();
+                let data = frame.encoded(SLOT_SSE_DATA, |frame| {
+                    sse::frame(None, None, &broadcast_json(frame))
+                });
+                let mut bytes = BytesMut::with_capacity(token.len() + data.len() + 8);
+                bytes.put_slice(b"id: ");
+                bytes.put_slice(token.as_bytes());
+                bytes.put_u8(b'\n');
+                bytes.put_slice(&data);
+                Some(bytes.freeze())
+            }
+            Delivery::Gap {
+                requested,
+                resumed_from,
+            } => Some(gap_frame(positions.stream(index), requested, resumed_from)),
+            Delivery::End(reason) => Some(sse::end_frame(reason)),
+            // Several streams are broadcast only (see `events`).
+            Delivery::Message(_) => None,
+        };
+        std::future::ready(frame)
+    })
+}
+
+/// The frame caches each broadcast message keeps (see [`Frame::encoded`]).
+const SLOT_SSE_FRAME: usize = 0;
+const SLOT_SSE_DATA: usize = 1;
+
+/// What every message of a group subscription ends with: `,"stream":…,"group":…,"consumer":…`.
+fn group_tail(stream: &StreamName, group: &GroupName, consumer: &ConsumerName) -> Bytes {
     Bytes::from(format!(
         r#","stream":{},"group":{},"consumer":{}"#,
-        json_string(subscription.stream.as_str()),
-        json_string(subscription.group.as_str()),
-        json_string(subscription.consumer.as_str()),
+        json_string(stream.as_str()),
+        json_string(group.as_str()),
+        json_string(consumer.as_str()),
     ))
 }
 
@@ -206,4 +228,28 @@ fn message_frame(message: &GroupMessage, tail: &[u8]) -> Bytes {
     data.extend_from_slice(itoa::Buffer::new().format(message.deliveries).as_bytes());
     data.push(b'}');
     sse::frame(None, Some(&id), &data)
+}
+
+/// `{"id":"…","body":…,"stream":"…"}`.
+fn broadcast_json(frame: &Frame) -> Vec<u8> {
+    let id = frame.id().to_string();
+    let body = frame.entry.body_json();
+    let mut json = Vec::with_capacity(body.len() + frame.stream.as_str().len() + 48);
+    json.extend_from_slice(b"{\"id\":\"");
+    json.extend_from_slice(id.as_bytes());
+    json.extend_from_slice(b"\",\"body\":");
+    json.extend_from_slice(&body);
+    json.extend_from_slice(b",\"stream\":");
+    json.extend_from_slice(json_string(frame.stream.as_str()).as_bytes());
+    json.push(b'}');
+    json
+}
+
+/// `event: gap` with `{"stream","requested","resumed_from"}`.
+fn gap_frame(stream: &StreamName, requested: EntryId, resumed_from: EntryId) -> Bytes {
+    let data = format!(
+        r#"{{"stream":{},"requested":"{requested}","resumed_from":"{resumed_from}"}}"#,
+        json_string(stream.as_str())
+    );
+    sse::frame(Some("gap"), None, data.as_bytes())
 }

@@ -11,6 +11,7 @@ use utoipa_axum::routes;
 
 use super::AppState;
 use super::auth::Caller;
+use super::consume::group_start;
 use super::error::ApiError;
 use super::extract::{ApiPath, ApiQuery, LimitedBody, StreamPath, parse_json, stream_name};
 use super::openapi::{
@@ -47,17 +48,6 @@ fn target(caller: &Caller, path: GroupPath) -> Result<(StreamName, GroupName), A
     Ok((stream, group))
 }
 
-/// `0` (the beginning), `$` (the end) or an entry id.
-pub fn parse_start(text: &str) -> Option<GroupStart> {
-    match text {
-        "$" => Some(GroupStart::Latest),
-        "0" => Some(GroupStart::After(EntryId::MIN)),
-        _ => EntryId::parse_bound(text, false)
-            .ok()
-            .map(GroupStart::After),
-    }
-}
-
 /// Where a group starts (reading after it).
 #[derive(Deserialize, Default, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -77,7 +67,7 @@ fn start_from(body: &[u8]) -> Result<GroupStart, ApiError> {
     };
     match position.from.as_deref() {
         None => Ok(GroupStart::After(EntryId::MIN)),
-        Some(text) => parse_start(text).ok_or_else(|| {
+        Some(text) => group_start(text).ok_or_else(|| {
             ApiError::BadRequest(format!("`from` must be 0, $ or an entry id, got {text:?}"))
         }),
     }

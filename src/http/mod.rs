@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod auth;
 pub mod broadcast;
+pub mod consume;
 pub mod consumers;
 pub mod error;
 pub mod events;

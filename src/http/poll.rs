@@ -11,7 +11,6 @@ use std::time::Duration;
 
 use axum::Json;
 use axum::extract::State;
-use futures_util::stream::BoxStream;
 use futures_util::{FutureExt, StreamExt};
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
@@ -21,15 +20,13 @@ use utoipa_axum::routes;
 
 use super::AppState;
 use super::auth::Caller;
+use super::consume::{self, ConsumeRequest, Delivery, Words};
 use super::error::ApiError;
-use super::extract::{LimitedBody, QueryPairs, parse_json, stream_name};
+use super::extract::{LimitedBody, QueryPairs, parse_json};
 use super::message_id::MessageRef;
 use super::openapi::{Conflicting, Guarded, Invalid, MessageIdSchema, TooLarge};
 use crate::auth::Scope;
-use crate::backend::GroupStart;
 use crate::delivery::cursor;
-use crate::delivery::groups::{ConnectError, ConsumerSpec, Mode};
-use crate::delivery::hub::{HubEvent, Start, SubscribeError};
 use crate::metrics;
 use crate::model::{ConsumerName, Entry, EntryId, GroupName, StreamName};
 
@@ -76,12 +73,6 @@ struct PollReply {
     gaps: Vec<Gap>,
 }
 
-/// What one topic of a poll yields.
-enum Polled {
-    Message(StreamName, Option<GroupName>, Entry),
-    Gap(Gap),
-}
-
 fn polled_message(
     topic: StreamName,
     group: Option<GroupName>,
@@ -103,25 +94,6 @@ fn polled_message(
         payload,
         timestamp: entry.id.ms,
     })
-}
-
-/// `topics=a,b` (or repeated `topics`).
-fn topics(query: &QueryPairs) -> Result<Vec<StreamName>, ApiError> {
-    let mut topics = Vec::new();
-    for name in query
-        .all("topics")
-        .flat_map(|list| list.split(','))
-        .filter(|name| !name.is_empty())
-    {
-        let topic = stream_name(name)?;
-        if !topics.contains(&topic) {
-            topics.push(topic);
-        }
-    }
-    if topics.is_empty() {
-        return Err(ApiError::BadRequest("`topics` is required".into()));
-    }
-    Ok(topics)
 }
 
 /// Seed 004's long-poll: answers as soon as messages are available, or empty after `timeout`.
@@ -150,10 +122,6 @@ async fn poll(
     caller: Caller,
     query: QueryPairs,
 ) -> Result<Json<PollReply>, ApiError> {
-    let topics = topics(&query)?;
-    for topic in &topics {
-        caller.require(Scope::Consume, topic)?;
-    }
     let timeout = query
         .parsed("timeout", |text| text.parse::<u64>().ok())?
         .unwrap_or(DEFAULT_TIMEOUT_SECS)
@@ -164,43 +132,47 @@ async fn poll(
         })?
         .unwrap_or(DEFAULT_MESSAGES)
         .min(MAX_MESSAGES);
-    let group = query
-        .one("group")?
-        .map(|name| {
-            GroupName::parse(name)
-                .map_err(|error| ApiError::BadRequest(format!("invalid group name: {error}")))
-        })
-        .transpose()?;
-    let client_id = query
-        .one("client_id")?
-        .map(|name| {
-            ConsumerName::parse(name)
-                .map_err(|error| ApiError::BadRequest(format!("invalid client_id: {error}")))
-        })
-        .transpose()?;
+    let group = query.one("group")?;
+    let cursor = query.one("cursor")?;
+    if group.is_some() && cursor.is_some() {
+        return Err(ApiError::BadRequest(
+            "`cursor` is for polls without a group".into(),
+        ));
+    }
+    let words = Words {
+        streams_field: "topics",
+        streams: query
+            .all("topics")
+            .flat_map(|list| list.split(','))
+            .map(str::to_owned)
+            .collect(),
+        group: group.map(str::to_owned),
+        consumer: query.one("client_id")?.map(str::to_owned),
+        // A group poll has at most `max` messages in flight.
+        limit: group.map(|_| max.to_string()),
+        resume: cursor.map(str::to_owned),
+        ..Words::default()
+    };
+    let request = ConsumeRequest::parse(words)?;
     let _permit = state.streaming_permit()?;
     let _connection = state.connections.open_long_poll();
-
-    let (sources, mut positions): (Vec<BoxStream<'static, Polled>>, Option<cursor::Positions>) =
-        match group {
-            Some(group) => {
-                if query.one("cursor")?.is_some() {
-                    return Err(ApiError::BadRequest(
-                        "`cursor` is for polls without a group".into(),
-                    ));
-                }
-                (
-                    group_sources(&state, &topics, group, client_id, max).await?,
-                    None,
-                )
-            }
-            None => {
-                let (sources, positions) =
-                    broadcast_sources(&state, &topics, query.one("cursor")?).await?;
-                (sources, Some(positions))
-            }
-        };
-    let mut merged = futures_util::stream::select_all(sources);
+    let opened = consume::open(&state, &caller, request, metrics::transport::LONG_POLL).await?;
+    let topics: Vec<(StreamName, Option<GroupName>)> = opened
+        .iter()
+        .map(|opened| {
+            let group = opened.group.as_ref().map(|(group, _)| group.clone());
+            (opened.stream.clone(), group)
+        })
+        .collect();
+    let mut positions = opened[0].group.is_none().then(|| {
+        cursor::Positions::new(
+            opened
+                .iter()
+                .map(|opened| (opened.stream.clone(), opened.position))
+                .collect(),
+        )
+    });
+    let mut merged = consume::merge(opened);
     let mut reply = PollReply {
         messages: Vec::new(),
         cursor: None,
@@ -221,23 +193,34 @@ async fn poll(
         _ = state.shutdown.cancelled() => None,
     };
     let mut next = first;
-    while let Some(polled) = next {
-        match polled {
-            Polled::Message(topic, group, entry) => {
-                if let Some(positions) = positions.as_mut() {
-                    positions.advance(&topic, entry.id);
-                }
-                let mode = if group.is_some() {
-                    metrics::mode::AT_LEAST_ONCE
-                } else {
-                    metrics::mode::BROADCAST
-                };
-                state
-                    .metrics
-                    .delivered(metrics::transport::LONG_POLL, mode, &entry);
-                reply.messages.push(polled_message(topic, group, &entry)?);
+    while let Some((index, delivery)) = next {
+        let (topic, group) = &topics[index];
+        match delivery {
+            Delivery::Message(message) => {
+                reply.messages.push(polled_message(
+                    topic.clone(),
+                    group.clone(),
+                    &message.entry,
+                )?);
             }
-            Polled::Gap(gap) => reply.gaps.push(gap),
+            Delivery::Broadcast(frame) => {
+                if let Some(positions) = positions.as_mut() {
+                    positions.advance_at(index, frame.id());
+                }
+                reply
+                    .messages
+                    .push(polled_message(topic.clone(), None, &frame.entry)?);
+            }
+            Delivery::Gap {
+                requested,
+                resumed_from,
+            } => reply.gaps.push(Gap {
+                topic: topic.clone(),
+                requested,
+                resumed_from,
+            }),
+            // The group or its stream went away: answer with what there is.
+            Delivery::End(_) => break,
         }
         if reply.messages.len() >= max {
             break;
@@ -246,105 +229,6 @@ async fn poll(
     }
     reply.cursor = positions.map(|positions| positions.encode());
     Ok(Json(reply))
-}
-
-/// One group consumer per topic, named `client_id` (or generated), with `max` in flight.
-async fn group_sources(
-    state: &AppState,
-    topics: &[StreamName],
-    group: GroupName,
-    client_id: Option<ConsumerName>,
-    max: usize,
-) -> Result<Vec<BoxStream<'static, Polled>>, ApiError> {
-    let mut sources = Vec::with_capacity(topics.len());
-    for topic in topics {
-        let spec = ConsumerSpec {
-            stream: topic.clone(),
-            group: group.clone(),
-            consumer: client_id.clone(),
-            limit: Some(max as u32),
-            start: GroupStart::After(EntryId::MIN),
-            mode: Mode::AtLeastOnce,
-        };
-        let subscription = state
-            .groups
-            .connect(spec)
-            .await
-            .map_err(|error| match error {
-                ConnectError::Duplicate(name) => ApiError::Conflict(format!(
-                    "client `{name}` is already polling {topic} in this group (here or on another instance)"
-                )),
-                ConnectError::Backend(error) => error.into(),
-            })?;
-        let group = group.clone();
-        sources.push(
-            futures_util::stream::unfold(subscription, move |mut subscription| {
-                let group = group.clone();
-                async move {
-                    let message = subscription.next().await?;
-                    let polled =
-                        Polled::Message(subscription.stream.clone(), Some(group), message.entry);
-                    Some((polled, subscription))
-                }
-            })
-            .boxed(),
-        );
-    }
-    Ok(sources)
-}
-
-/// One broadcast subscription per topic, from the cursor (or new messages).
-async fn broadcast_sources(
-    state: &AppState,
-    topics: &[StreamName],
-    resume: Option<&str>,
-) -> Result<(Vec<BoxStream<'static, Polled>>, cursor::Positions), ApiError> {
-    let resumed = match resume {
-        Some(token) => {
-            cursor::decode(token).map_err(|error| ApiError::BadRequest(error.to_string()))?
-        }
-        None => Vec::new(),
-    };
-    let mut sources = Vec::with_capacity(topics.len());
-    let mut positions = Vec::with_capacity(topics.len());
-    for topic in topics {
-        let start = match resumed.iter().find(|(stream, _)| stream == topic) {
-            Some((_, id)) => Start::After(*id),
-            None => Start::Latest,
-        };
-        let subscription =
-            state
-                .hub
-                .subscribe(topic, start)
-                .await
-                .map_err(|error| match error {
-                    SubscribeError::FutureId { requested, last } => ApiError::BadRequest(format!(
-                        "cannot resume {topic} after {requested}: its last id is {last}"
-                    )),
-                    SubscribeError::Backend(error) => error.into(),
-                })?;
-        positions.push((topic.clone(), subscription.position()));
-        sources.push(
-            futures_util::stream::unfold(subscription, |mut subscription| async move {
-                let polled = match subscription.next().await? {
-                    HubEvent::Message(frame) => {
-                        Polled::Message(StreamName::clone(&frame.stream), None, frame.entry.clone())
-                    }
-                    HubEvent::Gap {
-                        requested,
-                        resumed_from,
-                    } => Polled::Gap(Gap {
-                        topic: subscription.stream().clone(),
-                        requested,
-                        resumed_from,
-                    }),
-                };
-                Some((polled, subscription))
-            })
-            .boxed(),
-        );
-    }
-    Ok((sources, cursor::Positions::new(positions)))
 }
 
 #[derive(Deserialize, ToSchema)]

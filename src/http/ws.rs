@@ -7,7 +7,6 @@
 //! subscriptions are the same delivery core SSE uses (a transport is a thin adapter). Buffers are
 //! small (tungstenite's default is 128 KiB each way), so idle sockets are cheap.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::State;
@@ -25,19 +24,16 @@ use utoipa_axum::routes;
 
 use super::AppState;
 use super::auth::Caller;
+use super::consume::{self, ConsumeRequest, Delivery, Kind, MAX_STREAMS, Opened, Words};
 use super::error::ApiError;
 use super::message_id::MessageRef;
 use super::openapi::{Conflicting, Guarded, Invalid};
 use super::poll::{acknowledge, decode_all};
 use super::produce::{TopicMessage, publish_one, v1_message_id};
 use super::sse::json_string;
-use crate::auth::Scope;
-use crate::backend::GroupStart;
-use crate::delivery::cursor;
-use crate::delivery::groups::{ConnectError, ConsumerSpec, MAX_LIMIT, Mode};
-use crate::delivery::hub::{Frame, HubEvent, Start, SubscribeError};
-use crate::metrics::{self, Metrics};
-use crate::model::{ConsumerName, EntryId, GroupName, StreamName};
+use crate::delivery::hub::Frame;
+use crate::metrics;
+use crate::model::StreamName;
 
 /// The frame cache slot of a broadcast message's WebSocket encoding.
 const SLOT_WS: usize = 2;
@@ -333,229 +329,109 @@ async fn subscribe(
     text: &str,
     reference: Option<&RawValue>,
 ) -> Outcome {
-    let request: Subscribe = parse(text)?;
-    let bad = |message: String| ("bad_request", message);
-    let mut topics = Vec::with_capacity(request.topics.len());
-    for topic in request.topics {
-        let topic =
-            StreamName::parse(topic).map_err(|error| bad(format!("invalid topic: {error}")))?;
-        caller.require(Scope::Consume, &topic).map_err(from_api)?;
-        topics.push(topic);
-    }
-    if topics.is_empty() {
-        return Err(bad("`topics` must not be empty".into()));
-    }
-    let group = request
-        .group
-        .map(|name| GroupName::parse(name).map_err(|error| bad(format!("invalid group: {error}"))))
-        .transpose()?;
-    let client_id = request
-        .client_id
-        .map(|name| {
-            ConsumerName::parse(name).map_err(|error| bad(format!("invalid client_id: {error}")))
-        })
-        .transpose()?;
-    let mode = match request.mode.as_deref() {
-        None | Some("at-least-once") => Mode::AtLeastOnce,
-        Some("at-most-once") => Mode::AtMostOnce,
-        Some(other) => return Err(bad(format!("unknown mode {other:?}"))),
+    let frame: Subscribe = parse(text)?;
+    let words = Words {
+        streams_field: "topics",
+        streams: frame.topics,
+        group: frame.group,
+        consumer: frame.client_id,
+        limit: frame.limit.map(|limit| limit.to_string()),
+        mode: frame.mode,
+        from: frame.from,
+        resume: None,
     };
-    if request
-        .limit
-        .is_some_and(|limit| !(1..=MAX_LIMIT).contains(&limit))
-    {
-        return Err(bad(format!("limit must be between 1 and {MAX_LIMIT}")));
+    let mut request = ConsumeRequest::parse(words).map_err(from_api)?;
+    let others = request
+        .streams
+        .iter()
+        .filter(|topic| !subscriptions.contains_key(*topic))
+        .count();
+    if subscriptions.len() + others > MAX_STREAMS {
+        return Err((
+            "bad_request",
+            format!("at most {MAX_STREAMS} topics per socket"),
+        ));
     }
-    let mut consumer = None;
-    let delivered_mode = match mode {
-        Mode::AtLeastOnce => metrics::mode::AT_LEAST_ONCE,
-        Mode::AtMostOnce => metrics::mode::AT_MOST_ONCE,
-    };
-    match &group {
-        Some(group) => {
-            let start = match request.from.as_deref() {
-                None => GroupStart::After(EntryId::MIN),
-                Some(from) => super::groups::parse_start(from)
-                    .ok_or_else(|| bad(format!("invalid `from`: {from:?}")))?,
-            };
-            for topic in &topics {
-                let spec = ConsumerSpec {
-                    stream: topic.clone(),
-                    group: group.clone(),
-                    consumer: client_id.clone(),
-                    limit: request.limit,
-                    start,
-                    mode,
-                };
-                // Subscribing to a topic again replaces the earlier subscription: the old one
-                // lets go of its consumer name first (its lease is released in the background,
-                // so a name it held is waited for a moment).
-                let replacing = subscriptions.remove(topic).is_some();
-                let mut attempts = 0;
-                let connected = loop {
-                    match state.groups.connect(spec.clone()).await {
-                        Err(ConnectError::Duplicate(_)) if replacing && attempts < 50 => {
-                            attempts += 1;
-                            tokio::time::sleep(Duration::from_millis(20)).await;
-                        }
-                        connected => break connected,
-                    }
-                };
-                let subscription = connected.map_err(
-                    |error| match error {
-                        ConnectError::Duplicate(name) => (
-                            "conflict",
-                            format!(
-                                "client `{name}` is already connected to {topic} in this group (here or on another instance)"
-                            ),
-                        ),
-                        ConnectError::Backend(error) => from_api(error.into()),
-                    },
-                )?;
-                consumer = Some(subscription.consumer.clone());
-                subscriptions.insert(
-                    topic.clone(),
-                    group_messages(subscription, state.metrics.clone(), delivered_mode),
-                );
-            }
-        }
-        None => {
-            let starts = broadcast_starts(&topics, request.from.as_deref()).map_err(bad)?;
-            for (topic, start) in topics.iter().zip(starts) {
-                let subscription =
-                    state
-                        .hub
-                        .subscribe(topic, start)
-                        .await
-                        .map_err(|error| match error {
-                            SubscribeError::FutureId { requested, last } => bad(format!(
-                                "cannot resume {topic} after {requested}: its last id is {last}"
-                            )),
-                            SubscribeError::Backend(error) => from_api(error.into()),
-                        })?;
-                subscriptions.insert(
-                    topic.clone(),
-                    broadcast_messages(subscription, state.metrics.clone()),
-                );
-            }
-        }
+    // Subscribing to a topic again replaces the earlier subscription: the old one lets go of its
+    // consumer name first (its lease is released in the background, so a name it held is
+    // waited for a moment).
+    let mut replacing = false;
+    for topic in &request.streams {
+        replacing |= subscriptions.remove(topic).is_some();
     }
+    if let Kind::Group(group) = &mut request.kind {
+        group.replacing = replacing;
+    }
+    let topics = request.streams.clone();
+    let opened = consume::open(state, caller, request, metrics::transport::WEBSOCKET)
+        .await
+        .map_err(from_api)?;
     let mut fields = format!(r#","topics":{}"#, names_json(&topics));
-    if let Some(group) = &group {
-        fields.push_str(&format!(r#","group":{}"#, json_string(group.as_str())));
-    }
-    if let Some(consumer) = &consumer {
+    if let Some((group, consumer)) = opened.first().and_then(|opened| opened.group.clone()) {
         fields.push_str(&format!(
-            r#","client_id":{}"#,
+            r#","group":{},"client_id":{}"#,
+            json_string(group.as_str()),
             json_string(consumer.as_str())
         ));
+    }
+    for opened in opened {
+        subscriptions.insert(opened.stream.clone(), frames(opened));
     }
     Ok(reply("subscribed", reference, &fields))
 }
 
-/// Broadcast starts from `from`: `0`, `$`, an entry id (one topic), or a cursor (several).
-fn broadcast_starts(topics: &[StreamName], from: Option<&str>) -> Result<Vec<Start>, String> {
-    let uniform = |start: Start| Ok(vec![start; topics.len()]);
-    match from {
-        None | Some("$") => uniform(Start::Latest),
-        Some("0") => uniform(Start::Beginning),
-        Some(token) if token.starts_with("c1.") => {
-            let positions = cursor::decode(token).map_err(|error| error.to_string())?;
-            Ok(topics
-                .iter()
-                .map(
-                    |topic| match positions.iter().find(|(stream, _)| stream == topic) {
-                        Some((_, id)) => Start::After(*id),
-                        None => Start::Latest,
-                    },
+/// A subscription's deliveries as frames; a broadcast message's frame is encoded once for every
+/// WebSocket subscriber. If the group or its stream goes away, an `error` frame with code
+/// `subscription_ended` and the `reason` (as SSE's `event: end`) is the last.
+fn frames(opened: Opened) -> Outgoing {
+    let stream = opened.stream;
+    let group = opened.group.map(|(group, _)| group);
+    opened
+        .deliveries
+        .map(move |delivery| match delivery {
+            Delivery::Message(message) => {
+                let reference = MessageRef {
+                    stream: stream.clone(),
+                    group: group.clone(),
+                    id: message.entry.id,
+                };
+                message_frame(
+                    &stream,
+                    &reference.encode(),
+                    &message.entry.body_json(),
+                    Some(message.deliveries),
                 )
-                .collect())
-        }
-        Some(id) => {
-            let id = EntryId::parse_bound(id, false).map_err(|error| error.to_string())?;
-            uniform(Start::After(id))
-        }
-    }
-}
-
-/// A group subscription's messages as frames, then, if the group or its stream goes away, an
-/// `error` frame with code `subscription_ended` and the `reason` (as SSE's `event: end`).
-fn group_messages(
-    subscription: crate::delivery::groups::Subscription,
-    metrics: Arc<Metrics>,
-    mode: &'static str,
-) -> Outgoing {
-    futures_util::stream::unfold(Some(subscription), move |subscription| {
-        let metrics = metrics.clone();
-        async move {
-            let mut subscription = subscription?;
-            let Some(message) = subscription.next().await else {
-                let reason = subscription.end_reason()?;
+            }
+            Delivery::Broadcast(frame) => {
+                let bytes = frame.encoded(SLOT_WS, broadcast_frame);
+                // Encoded from valid UTF-8 text, so this does not fail.
+                Utf8Bytes::try_from(bytes).unwrap_or_else(|_| Utf8Bytes::from_static("{}"))
+            }
+            Delivery::Gap {
+                requested,
+                resumed_from,
+            } => reply(
+                "gap",
+                None,
+                &format!(
+                    r#","topic":{},"requested":"{requested}","resumed_from":"{resumed_from}""#,
+                    json_string(stream.as_str())
+                ),
+            ),
+            Delivery::End(reason) => {
                 let fields = format!(
                     r#","code":"subscription_ended","reason":"{}","topic":{},"message":{}"#,
                     reason.as_str(),
-                    json_string(subscription.stream.as_str()),
+                    json_string(stream.as_str()),
                     json_string(&format!(
-                        "the group {} of {} is gone; subscribe again to recreate it",
-                        subscription.group, subscription.stream
+                        "the subscription to {stream} ended ({}); subscribe again to recreate it",
+                        reason.as_str()
                     )),
                 );
-                return Some((reply("error", None, &fields), None));
-            };
-            metrics.delivered(metrics::transport::WEBSOCKET, mode, &message.entry);
-            let reference = MessageRef {
-                stream: subscription.stream.clone(),
-                group: Some(subscription.group.clone()),
-                id: message.entry.id,
-            };
-            let frame = message_frame(
-                &subscription.stream,
-                &reference.encode(),
-                &message.entry.body_json(),
-                Some(message.deliveries),
-            );
-            Some((frame, Some(subscription)))
-        }
-    })
-    .boxed()
-}
-
-/// A broadcast subscription's events as frames; a message's frame is encoded once for every
-/// WebSocket subscriber.
-fn broadcast_messages(
-    subscription: crate::delivery::hub::Subscription,
-    metrics: Arc<Metrics>,
-) -> Outgoing {
-    futures_util::stream::unfold(subscription, move |mut subscription| {
-        let metrics = metrics.clone();
-        async move {
-            let frame = match subscription.next().await? {
-                HubEvent::Message(frame) => {
-                    metrics.delivered(
-                        metrics::transport::WEBSOCKET,
-                        metrics::mode::BROADCAST,
-                        &frame.entry,
-                    );
-                    let bytes = frame.encoded(SLOT_WS, broadcast_frame);
-                    // Encoded from valid UTF-8 text, so this does not fail.
-                    Utf8Bytes::try_from(bytes).unwrap_or_else(|_| Utf8Bytes::from_static("{}"))
-                }
-                HubEvent::Gap {
-                    requested,
-                    resumed_from,
-                } => reply(
-                    "gap",
-                    None,
-                    &format!(
-                        r#","topic":{},"requested":"{requested}","resumed_from":"{resumed_from}""#,
-                        json_string(subscription.stream().as_str())
-                    ),
-                ),
-            };
-            Some((frame, subscription))
-        }
-    })
-    .boxed()
+                reply("error", None, &fields)
+            }
+        })
+        .boxed()
 }
 
 fn broadcast_frame(frame: &Frame) -> Bytes {
