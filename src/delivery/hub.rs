@@ -23,6 +23,7 @@ use tokio::sync::{Notify, broadcast};
 use tokio_util::sync::CancellationToken;
 
 use super::newest_id;
+use super::tails::{self, Tails};
 use crate::backend::{AnyBackend, Backend, BackendError, Direction, RangeQuery, backoff_delay};
 use crate::model::{Entry, EntryId, StreamName, now_ms};
 
@@ -33,8 +34,6 @@ const RING_BYTES: usize = 1 << 20;
 const LIVE_CAPACITY: usize = 1024;
 /// Entries read per catch-up page, and per stream in one read of the hub's reader.
 const PAGE: usize = 500;
-/// How long the hub's blocking read waits before it is issued again.
-const BLOCK: Duration = Duration::from_secs(10);
 /// How long a stream without subscribers keeps its ring, for clients that reconnect.
 const LINGER: Duration = Duration::from_secs(60);
 
@@ -202,11 +201,15 @@ impl Hub {
     /// Starts the reader and the sweeper; both run until `shutdown`.
     pub fn start(backend: AnyBackend, shutdown: CancellationToken) -> Hub {
         let shared = Arc::new(Shared {
-            backend,
+            backend: backend.clone(),
             channels: Mutex::new(HashMap::new()),
             changed: Notify::new(),
         });
-        tokio::spawn(read(Arc::downgrade(&shared), shutdown.clone()));
+        tokio::spawn(tails::follow(
+            backend,
+            Arc::downgrade(&shared),
+            shutdown.clone(),
+        ));
         tokio::spawn(sweep(Arc::downgrade(&shared), shutdown));
         Hub { shared }
     }
@@ -465,72 +468,44 @@ impl Subscription {
 }
 
 /// The reader: one blocking read over every stream with a channel, feeding the channels.
-async fn read(shared: Weak<Shared>, shutdown: CancellationToken) {
-    let mut failures = 0u32;
-    loop {
-        let Some(strong) = shared.upgrade() else {
+impl Tails for Shared {
+    const NAME: &'static str = "broadcast reader";
+    const COUNT: usize = PAGE;
+
+    fn changed(&self) -> &Notify {
+        &self.changed
+    }
+
+    fn cursors(&self) -> Vec<(StreamName, Option<EntryId>)> {
+        lock(&self.channels)
+            .iter()
+            .map(|(stream, channel)| (stream.clone(), lock(&channel.ring).tail))
+            .collect()
+    }
+
+    fn started(&self, stream: &StreamName, newest: EntryId) {
+        let Some(channel) = lock(&self.channels).get(stream).cloned() else {
             return;
         };
-        let changed = strong.changed.notified();
-        let channels: Vec<Arc<Channel>> = lock(&strong.channels).values().cloned().collect();
-        let backend = strong.backend.clone();
-        let outcome = async {
-            let mut cursors = Vec::with_capacity(channels.len());
-            let mut initialised = false;
-            for channel in &channels {
-                let tail = lock(&channel.ring).tail;
-                match tail {
-                    Some(tail) => cursors.push((StreamName::clone(&channel.stream), tail)),
-                    None => {
-                        let newest = newest_id(&backend, &channel.stream).await?;
-                        {
-                            let mut ring = lock(&channel.ring);
-                            ring.tail = Some(newest);
-                            ring.floor = newest;
-                        }
-                        channel.initialised.notify_waiters();
-                        initialised = true;
-                    }
-                }
-            }
-            if initialised {
-                return Ok(());
-            }
-            let interrupt = async {
-                tokio::select! {
-                    _ = changed => {}
-                    _ = shutdown.cancelled() => {}
-                }
-            };
-            if cursors.is_empty() {
-                interrupt.await;
-                return Ok(());
-            }
-            let found = backend
-                .read_after(&cursors, PAGE, Some(BLOCK), interrupt)
-                .await?;
-            for (stream, entries) in found {
-                if let Some(channel) = channels.iter().find(|channel| *channel.stream == stream) {
-                    channel.push(entries);
-                }
-            }
-            Ok::<(), BackendError>(())
-        };
-        let result = outcome.await;
-        if shutdown.is_cancelled() {
-            return;
+        {
+            let mut ring = lock(&channel.ring);
+            ring.tail = Some(newest);
+            ring.floor = newest;
         }
-        if let Err(error) = result {
-            let delay = backoff_delay(failures);
-            failures = failures.saturating_add(1);
-            tracing::warn!(%error, ?delay, "broadcast reader: backend read failed, retrying");
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = shutdown.cancelled() => return,
-            }
-        } else {
-            failures = 0;
+        channel.initialised.notify_waiters();
+    }
+
+    async fn found(
+        &self,
+        _backend: &AnyBackend,
+        stream: StreamName,
+        entries: Vec<Entry>,
+    ) -> Result<(), BackendError> {
+        let channel = lock(&self.channels).get(&stream).cloned();
+        if let Some(channel) = channel {
+            channel.push(entries);
         }
+        Ok(())
     }
 }
 

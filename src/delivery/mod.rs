@@ -9,6 +9,7 @@ pub mod cursor;
 pub mod groups;
 pub mod hub;
 mod instances;
+mod tails;
 pub mod watcher;
 
 use std::sync::Arc;

@@ -9,17 +9,14 @@
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
-use std::time::Duration;
 
 use tokio::sync::{Notify, watch};
 use tokio_util::sync::CancellationToken;
 
 use super::newest_id;
-use crate::backend::{AnyBackend, Backend, BackendError, backoff_delay};
-use crate::model::{EntryId, StreamName};
-
-/// How long one blocking read waits before it is issued again.
-const BLOCK: Duration = Duration::from_secs(10);
+use super::tails::{self, Tails};
+use crate::backend::{AnyBackend, BackendError};
+use crate::model::{Entry, EntryId, StreamName};
 
 struct Watched {
     tail: watch::Sender<EntryId>,
@@ -81,7 +78,7 @@ impl Watcher {
             streams: Mutex::new(HashMap::new()),
             changed: Notify::new(),
         });
-        tokio::spawn(run(backend, Arc::downgrade(&shared), shutdown));
+        tokio::spawn(tails::follow(backend, Arc::downgrade(&shared), shutdown));
         Watcher { shared }
     }
 
@@ -122,86 +119,48 @@ fn advance(shared: &Shared, stream: &StreamName, newest: EntryId, force: bool) {
     }
 }
 
-async fn run(backend: AnyBackend, shared: Weak<Shared>, shutdown: CancellationToken) {
-    let mut failures = 0u32;
-    loop {
-        let Some(strong) = shared.upgrade() else {
-            return;
-        };
-        // Armed before the snapshot, so a change made after it cuts the next read short.
-        let changed = strong.changed.notified();
-        let (uninitialised, cursors): (Vec<StreamName>, Vec<(StreamName, EntryId)>) = {
-            let streams = strong.lock();
-            let uninitialised = streams
-                .iter()
-                .filter(|(_, watched)| !watched.initialised)
-                .map(|(stream, _)| stream.clone())
-                .collect();
-            let cursors = streams
-                .iter()
-                .filter(|(_, watched)| watched.initialised)
-                .map(|(stream, watched)| (stream.clone(), *watched.tail.borrow()))
-                .collect();
-            (uninitialised, cursors)
-        };
-        let outcome = async {
-            for stream in &uninitialised {
-                let newest = newest_id(&backend, stream).await?;
-                if let Some(watched) = strong.lock().get_mut(stream) {
-                    watched.initialised = true;
-                }
-                advance(&strong, stream, newest, true);
-            }
-            if !uninitialised.is_empty() {
-                return Ok(());
-            }
-            if cursors.is_empty() {
-                tokio::select! {
-                    _ = changed => {}
-                    _ = shutdown.cancelled() => {}
-                }
-                return Ok(());
-            }
-            let interrupt = async {
-                tokio::select! {
-                    _ = changed => {}
-                    _ = shutdown.cancelled() => {}
-                }
-            };
-            let found = backend
-                .read_after(&cursors, 1, Some(BLOCK), interrupt)
-                .await?;
-            for (stream, _) in found {
-                let newest = newest_id(&backend, &stream).await?;
-                advance(&strong, &stream, newest, false);
-            }
-            Ok::<(), BackendError>(())
-        };
-        let result = outcome.await;
-        drop(strong);
-        if shutdown.is_cancelled() {
-            return;
+impl Tails for Shared {
+    const NAME: &'static str = "stream watcher";
+    /// The watcher needs to know only that a stream grew: one entry, then its newest id.
+    const COUNT: usize = 1;
+
+    fn changed(&self) -> &Notify {
+        &self.changed
+    }
+
+    fn cursors(&self) -> Vec<(StreamName, Option<EntryId>)> {
+        self.lock()
+            .iter()
+            .map(|(stream, watched)| {
+                let cursor = watched.initialised.then(|| *watched.tail.borrow());
+                (stream.clone(), cursor)
+            })
+            .collect()
+    }
+
+    fn started(&self, stream: &StreamName, newest: EntryId) {
+        if let Some(watched) = self.lock().get_mut(stream) {
+            watched.initialised = true;
         }
-        match result {
-            Ok(()) if failures > 0 => {
-                // Back after an outage: every stream may have changed meanwhile.
-                failures = 0;
-                if let Some(strong) = shared.upgrade() {
-                    for watched in strong.lock().values_mut() {
-                        watched.initialised = false;
-                    }
-                }
-            }
-            Ok(()) => {}
-            Err(error) => {
-                let delay = backoff_delay(failures);
-                failures = failures.saturating_add(1);
-                tracing::warn!(%error, ?delay, "stream watcher: backend read failed, retrying");
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => {}
-                    _ = shutdown.cancelled() => return,
-                }
-            }
+        advance(self, stream, newest, true);
+    }
+
+    async fn found(
+        &self,
+        backend: &AnyBackend,
+        stream: StreamName,
+        _entries: Vec<Entry>,
+    ) -> Result<(), BackendError> {
+        // Jump to the newest entry: a backlog costs one round, not one per entry.
+        let newest = newest_id(backend, &stream).await?;
+        advance(self, &stream, newest, false);
+        Ok(())
+    }
+
+    fn recovered(&self) {
+        // Every stream may have changed during the outage: read each one's tail again.
+        for watched in self.lock().values_mut() {
+            watched.initialised = false;
         }
     }
 }

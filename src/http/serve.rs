@@ -180,7 +180,7 @@ impl Accepted {
                         // to answer.
                         return Ok(());
                     }
-                    return self.refuse(stream, Refusal::Timeout).await;
+                    return Box::pin(self.refuse(stream, Refusal::Timeout)).await;
                 }
                 // No request yet, so nothing to finish.
                 _ = self.shutdown.cancelled() => return Ok(()),
@@ -191,7 +191,7 @@ impl Accepted {
             match head_length(&head) {
                 Some(length) => break length,
                 None => match oversized(&head) {
-                    Some(refusal) => return self.refuse(stream, refusal).await,
+                    Some(refusal) => return Box::pin(self.refuse(stream, refusal)).await,
                     None => continue,
                 },
             }
@@ -200,10 +200,10 @@ impl Accepted {
             return Box::pin(self.http2(stream, head.freeze())).await;
         }
         if let Some(refusal) = oversized(&head[..head_length]) {
-            return self.refuse(stream, refusal).await;
+            return Box::pin(self.refuse(stream, refusal)).await;
         }
         match parse_head(&head[..head_length]) {
-            Err(refusal) => self.refuse(stream, refusal).await,
+            Err(refusal) => Box::pin(self.refuse(stream, refusal)).await,
             Ok(Some(request)) if head_length == head.len() => {
                 drop(head);
                 Box::pin(self.sse(stream, request)).await
