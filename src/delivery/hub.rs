@@ -366,7 +366,9 @@ impl Subscription {
                 return Some(HubEvent::Message(frame));
             }
             if self.catching_up {
-                if let Err(error) = self.catch_up().await {
+                // Boxed: a backend read's state exists only while catching up, so an idle
+                // subscriber (waiting for live frames) stays small.
+                if let Err(error) = Box::pin(self.catch_up()).await {
                     let delay = backoff_delay(failures);
                     failures = failures.saturating_add(1);
                     tracing::warn!(%error, ?delay, stream = %self.channel.stream, "catching up failed, retrying");

@@ -225,15 +225,12 @@ impl Accepted {
             .max_header_size(MAX_HEAD_BYTES)
             .serve_connection(io, service(self.front.clone(), self.remote))
             .with_upgrades();
-        tokio::pin!(connection);
-        let served = tokio::select! {
-            served = connection.as_mut() => served,
-            _ = self.shutdown.cancelled() => {
-                // Finish the request in flight, then close (idle keep-alive connections at once).
-                connection.as_mut().graceful_shutdown();
-                connection.await
-            }
-        };
+        // At shutdown: finish the request in flight, then close (idle keep-alive connections at
+        // once).
+        let served = until_drained(connection, &self.shutdown, |connection| {
+            connection.graceful_shutdown()
+        })
+        .await;
         if let Err(error) = &served {
             self.count_refused_by_hyper(error);
         }
@@ -253,23 +250,22 @@ impl Accepted {
             .timer(TokioTimer::new())
             .max_header_list_size(MAX_HEAD_BYTES as u32)
             .serve_connection(io, service(self.front.clone(), self.remote));
-        tokio::pin!(connection);
-        let served = tokio::select! {
-            served = connection.as_mut() => served,
-            _ = self.shutdown.cancelled() => {
-                // GOAWAY: no new streams; those in flight finish (SSE ends on the same token).
-                connection.as_mut().graceful_shutdown();
-                connection.await
-            }
-        };
-        served.map_err(io::Error::other)
+        // At shutdown, GOAWAY: no new streams; those in flight finish (SSE ends on the same
+        // token).
+        until_drained(connection, &self.shutdown, |connection| {
+            connection.graceful_shutdown()
+        })
+        .await
+        .map_err(io::Error::other)
     }
 
     /// Answers a plain HTTP/1.1 SSE request: the router decides; the response is written
     /// straight to the socket, an event stream until it ends or the client goes away.
     async fn sse(self, stream: impl Connection, mut request: Request<Body>) -> io::Result<()> {
         request.extensions_mut().insert(ConnectInfo(self.remote));
-        let response = match self.front.router.oneshot(request).await {
+        // Boxed: routing's state (every middleware's future) is freed once the response is
+        // there, instead of sizing this task's allocation for the stream's whole life.
+        let response = match Box::pin(self.front.router.oneshot(request)).await {
             Ok(response) => response,
             Err(never) => match never {},
         };
@@ -312,6 +308,23 @@ impl Accepted {
     }
 }
 
+/// Runs a hyper connection to its end; once `shutdown` is cancelled, asks it to end gracefully
+/// (`graceful`) and waits for that.
+async fn until_drained<C: Future>(
+    connection: C,
+    shutdown: &CancellationToken,
+    graceful: impl FnOnce(Pin<&mut C>),
+) -> C::Output {
+    tokio::pin!(connection);
+    tokio::select! {
+        served = connection.as_mut() => served,
+        _ = shutdown.cancelled() => {
+            graceful(connection.as_mut());
+            connection.await
+        }
+    }
+}
+
 /// The router as a hyper service, telling handlers the client's address. A request line over
 /// the limit is refused here as on a connection's first head (hyper's own limit is the whole
 /// head's).
@@ -336,7 +349,10 @@ fn service(
                 return Ok(refusal(&front, remote, Refusal::RequestLineTooLong).0);
             }
             request.extensions_mut().insert(ConnectInfo(remote));
-            front.router.oneshot(request.map(Body::new)).await
+            // Boxed: an HTTP/2 stream's task (and an HTTP/1.1 connection) would otherwise be
+            // sized for routing's state (every middleware's future) for as long as a response
+            // streams.
+            Box::pin(front.router.oneshot(request.map(Body::new))).await
         }
     })
 }
@@ -474,7 +490,11 @@ async fn write_response(stream: impl Connection, response: Response) -> io::Resu
     let length = body.size_hint().exact().map(|length| length as usize);
     let chunked = length.is_none();
     let (mut reader, mut writer) = tokio::io::split(stream);
-    writer.write_all(&response_head(&parts, length)).await?;
+    let head = response_head(&parts, length);
+    // The head's fields are not needed while the body streams.
+    drop(parts);
+    writer.write_all(&head).await?;
+    drop(head);
     let mut frames = body.into_data_stream();
     // Reading tells when the client has gone (end of file); it sends nothing else.
     let mut probe = [0u8; 64];

@@ -130,11 +130,11 @@ async fn session(socket: WebSocket, state: AppState, caller: Caller) {
     loop {
         let replies: Vec<Utf8Bytes> = tokio::select! {
             _ = state.shutdown.cancelled() => {
-                close(&mut sink, &mut incoming, SERVICE_RESTART, "server restarting").await;
+                Box::pin(close(&mut sink, &mut incoming, SERVICE_RESTART, "server restarting")).await;
                 return;
             }
             _ = &mut expired => {
-                close(&mut sink, &mut incoming, POLICY_VIOLATION, "token expired").await;
+                Box::pin(close(&mut sink, &mut incoming, POLICY_VIOLATION, "token expired")).await;
                 return;
             }
             frame = incoming.next() => match frame {
@@ -146,7 +146,7 @@ async fn session(socket: WebSocket, state: AppState, caller: Caller) {
                 Some(Ok(Message::Close(_))) => {
                     // The client began the closing handshake: the reply tungstenite queued goes
                     // out with this flush, so the client sees a clean close.
-                    let _ = tokio::time::timeout(CLOSE_WAIT, sink.close()).await;
+                    let _ = Box::pin(tokio::time::timeout(CLOSE_WAIT, sink.close())).await;
                     return;
                 }
                 Some(Err(_)) | None => return,
@@ -158,12 +158,12 @@ async fn session(socket: WebSocket, state: AppState, caller: Caller) {
                 Ok(Ok(())) => {}
                 Ok(Err(_)) => return,
                 Err(_) => {
-                    close(
+                    Box::pin(close(
                         &mut sink,
                         &mut incoming,
                         TRY_AGAIN_LATER,
                         "too slow to keep up",
-                    )
+                    ))
                     .await;
                     return;
                 }

@@ -5,16 +5,10 @@
 // {"received": [{"id": "...", "data": "..."}...], "errors": N, "opens": N}.
 // The page is served by streamgate itself (same origin), so no CORS is involved; the browser's
 // own reconnect logic (with its Last-Event-ID header) does the resuming.
-import { chromium } from "playwright-core";
+import { launch } from "./launch.mjs";
 
 const [origin, path, expected, timeoutMs] = process.argv.slice(2);
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args: [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-  ],
-});
+const browser = await launch();
 try {
   const page = await browser.newPage();
   await page.goto(`${origin}/health/live`);

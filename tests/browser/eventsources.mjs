@@ -6,17 +6,11 @@
 // Streams are `/api/streams/page-<i>/events`. Prints `ready` once every EventSource is open,
 // then one JSON line: {"protocol": "h2", "received": ["<data of source 0's first message>", …],
 // "opens": N, "errors": N}.
-import { chromium } from "playwright-core";
+import { launch } from "./launch.mjs";
 
 const [origin, token, n, timeoutMs] = process.argv.slice(2);
 const count = Number(n);
-const browser = await chromium.launch({
-  executablePath: process.env.CHROMIUM || "/usr/bin/chromium",
-  args: [
-    "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-    "--disable-background-networking", "--disable-component-update", "--disable-sync",
-  ],
-});
+const browser = await launch();
 try {
   // The test certificate is self-signed.
   const context = await browser.newContext({ ignoreHTTPSErrors: true });

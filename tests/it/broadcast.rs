@@ -7,8 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use tokio::io::AsyncBufReadExt;
-
+use crate::helpers::browser::BrowserRun;
 use crate::helpers::process::Process;
 use crate::helpers::sse::{Event, SseClient};
 use crate::helpers::{RedisServer, TOKEN, TestApp, json, problem};
@@ -629,35 +628,9 @@ async fn redis_bridge_resubscribes_after_a_redis_restart() {
     assert_eq!(event.json()["body"], "after");
 }
 
-/// Whether the browser test can run here: Node, the installed playwright-core, and Chromium.
-pub(crate) fn browser_available() -> bool {
-    let root = env!("CARGO_MANIFEST_DIR");
-    let ready = std::path::Path::new(&format!(
-        "{root}/tests/browser/node_modules/playwright-core"
-    ))
-    .exists()
-        && std::path::Path::new("/usr/bin/chromium").exists()
-        && std::process::Command::new("node")
-            .arg("--version")
-            .output()
-            .is_ok_and(|out| out.status.success());
-    if !ready {
-        if std::env::var_os("STREAMGATE_REQUIRE_BROWSER").is_some() {
-            panic!(
-                "the browser test must run: install chromium and run `npm ci --prefix tests/browser`"
-            );
-        }
-        eprintln!(
-            "\n!!!!!!!! SKIPPING THE BROWSER TEST: needs node, Debian's chromium and \
-             `npm ci --prefix tests/browser` !!!!!!!!\n"
-        );
-    }
-    ready
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_a_browser_resumes_by_itself_across_a_restart() {
-    if !browser_available() {
+    if !crate::helpers::browser::available() {
         return;
     }
     let Some(redis) = RedisServer::start() else {
@@ -682,23 +655,9 @@ async fn redis_a_browser_resumes_by_itself_across_a_restart() {
 
     const TOTAL: usize = 60;
     let path = format!("/api/streams/browser/events?from=0&token={TOKEN}");
-    let script = format!(
-        "{}/tests/browser/eventsource.mjs",
-        env!("CARGO_MANIFEST_DIR")
-    );
-    let mut browser = tokio::process::Command::new("node")
-        .args([&script, &origin, &path, &TOTAL.to_string(), "40000"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("node");
-    let mut lines = tokio::io::BufReader::new(browser.stdout.take().expect("stdout")).lines();
-    let ready = tokio::time::timeout(Duration::from_secs(60), lines.next_line()).await;
-    assert!(
-        matches!(&ready, Ok(Ok(Some(line))) if line == "ready"),
-        "the browser did not open the stream: {ready:?}"
-    );
+    let total = TOTAL.to_string();
+    let mut browser = BrowserRun::start("eventsource.mjs", &[&origin, &path, &total, "40000"]);
+    browser.ready(Duration::from_secs(60)).await;
 
     // Messages go straight into Redis, so publishing goes on while streamgate is down.
     let mut restarted = false;
@@ -716,22 +675,7 @@ async fn redis_a_browser_resumes_by_itself_across_a_restart() {
         }
     }
     assert!(restarted);
-    let report_line = tokio::time::timeout(Duration::from_secs(90), lines.next_line())
-        .await
-        .expect("the browser reported in time")
-        .expect("read the report")
-        .unwrap_or_default();
-    let status = browser.wait().await.expect("browser run");
-    let mut stderr = String::new();
-    if let Some(mut pipe) = browser.stderr.take() {
-        use tokio::io::AsyncReadExt;
-        let _ = pipe.read_to_string(&mut stderr).await;
-    }
-    assert!(
-        status.success(),
-        "browser script failed: {report_line}\n{stderr}"
-    );
-    let report: Value = serde_json::from_str(&report_line).expect("report");
+    let report = browser.report(Duration::from_secs(90)).await;
     let received: Vec<u64> = report["received"]
         .as_array()
         .unwrap()

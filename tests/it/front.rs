@@ -12,6 +12,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
+use crate::helpers::browser::BrowserRun;
 use crate::helpers::sse::SseClient;
 use crate::helpers::{TOKEN, TestApp, json};
 
@@ -146,20 +147,10 @@ async fn twenty_sse_streams_share_one_http2_connection() {
     }
 }
 
-/// A self-signed certificate for 127.0.0.1 and localhost as PEM files in `dir`: (cert, key).
-fn test_certificate(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
-    let names = vec!["127.0.0.1".to_owned(), "localhost".to_owned()];
-    let certified = rcgen::generate_simple_self_signed(names).expect("certificate");
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    std::fs::write(&cert, certified.cert.pem()).unwrap();
-    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
-    (cert, key)
-}
-
 /// An app serving HTTPS with a fresh test certificate (kept in the returned directory).
 async fn on_tls() -> (TestApp, tempfile::TempDir) {
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = test_certificate(dir.path());
+    let (cert, key) = crate::helpers::test_certificate(dir.path());
     let app = TestApp::on_embedded(&format!("[tls]\ncert = {cert:?}\nkey = {key:?}\n")).await;
     (app, dir)
 }
@@ -195,60 +186,20 @@ async fn https_offers_http2_by_alpn_and_still_serves_http1() {
     assert_eq!(answer.status(), 200);
 }
 
-/// Whether the browser tests can run here (see `broadcast::browser_available`).
-fn browser_available() -> bool {
-    crate::broadcast::browser_available()
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_browser_page_receives_on_ten_event_sources_over_http2() {
-    if !browser_available() {
+    if !crate::helpers::browser::available() {
         return;
     }
     let (app, _dir) = on_tls().await;
-    let script = format!(
-        "{}/tests/browser/eventsources.mjs",
-        env!("CARGO_MANIFEST_DIR")
-    );
     let origin = format!("https://localhost:{}", app.address.port());
-    let mut browser = tokio::process::Command::new("node")
-        .args([&script, &origin, TOKEN, "10", "30000"])
-        .stdout(std::process::Stdio::piped())
-        .stderr(std::process::Stdio::piped())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("run node");
-    let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(
-        browser.stdout.take().unwrap(),
-    ));
-    let ready = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
-        .await
-        .expect("the browser opened its streams in time")
-        .unwrap();
-    assert_eq!(
-        ready.as_deref(),
-        Some("ready"),
-        "the browser did not open its streams"
-    );
+    let mut browser = BrowserRun::start("eventsources.mjs", &[&origin, TOKEN, "10", "30000"]);
+    browser.ready(Duration::from_secs(60)).await;
     for n in 0..10 {
         app.publish(&format!("page-{n}"), json!({ "source": n }))
             .await;
     }
-    let report = tokio::time::timeout(Duration::from_secs(60), lines.next_line())
-        .await
-        .expect("the browser reported in time")
-        .unwrap()
-        .unwrap_or_default();
-    let status = browser.wait().await.expect("browser run");
-    let mut stderr = String::new();
-    if let Some(mut pipe) = browser.stderr.take() {
-        let _ = pipe.read_to_string(&mut stderr).await;
-    }
-    assert!(
-        status.success(),
-        "browser script failed: {report}\n{stderr}"
-    );
-    let report: Value = serde_json::from_str(&report).expect("a JSON report");
+    let report = browser.report(Duration::from_secs(60)).await;
     assert_eq!(report["protocol"], "h2", "{report}");
     let received = report["received"].as_array().expect("received");
     assert_eq!(received.len(), 10, "{report}");
@@ -426,38 +377,32 @@ async fn an_http1_event_stream_is_chunked_and_ends_with_a_reason() {
 on_each_backend!(a_group_stream_ends_with_the_reason_it_ended);
 
 async fn a_group_stream_ends_with_the_reason_it_ended(app: TestApp) {
-    app.publish("ends-group", json!(1)).await;
-    let mut consumer = app.consume("ends-group", "g", "").await;
-    consumer.events(1, Duration::from_secs(10)).await;
-    let deleted = app
-        .request(reqwest::Method::DELETE, "/api/streams/ends-group/groups/g")
-        .send()
-        .await
-        .unwrap();
-    assert!(deleted.status().is_success(), "{}", deleted.status());
-    let end = consumer
-        .next_event(Duration::from_secs(15))
-        .await
-        .expect("an end event");
-    assert_eq!(end.event.as_deref(), Some("end"));
-    assert_eq!(end.json(), json!({ "reason": "group_deleted" }));
-    assert!(consumer.ends_within(Duration::from_secs(5)).await);
-    assert!(!consumer.cut, "the stream was cut, not ended");
-
-    app.publish("ends-stream", json!(1)).await;
-    let mut consumer = app.consume("ends-stream", "g", "").await;
-    consumer.events(1, Duration::from_secs(10)).await;
-    let deleted = app
-        .request(reqwest::Method::DELETE, "/api/streams/ends-stream")
-        .send()
-        .await
-        .unwrap();
-    assert!(deleted.status().is_success(), "{}", deleted.status());
-    let end = consumer
-        .next_event(Duration::from_secs(15))
-        .await
-        .expect("an end event");
-    assert_eq!(end.json(), json!({ "reason": "stream_deleted" }));
+    for (stream, deleted, reason) in [
+        (
+            "ends-group",
+            "/api/streams/ends-group/groups/g",
+            "group_deleted",
+        ),
+        ("ends-stream", "/api/streams/ends-stream", "stream_deleted"),
+    ] {
+        app.publish(stream, json!(1)).await;
+        let mut consumer = app.consume(stream, "g", "").await;
+        consumer.events(1, Duration::from_secs(10)).await;
+        let answer = app
+            .request(reqwest::Method::DELETE, deleted)
+            .send()
+            .await
+            .unwrap();
+        assert!(answer.status().is_success(), "{}", answer.status());
+        let end = consumer
+            .next_event(Duration::from_secs(15))
+            .await
+            .expect("an end event");
+        assert_eq!(end.event.as_deref(), Some("end"));
+        assert_eq!(end.json(), json!({ "reason": reason }));
+        assert!(consumer.ends_within(Duration::from_secs(5)).await);
+        assert!(!consumer.cut, "the stream was cut, not ended");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

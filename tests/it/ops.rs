@@ -411,20 +411,10 @@ async fn cors_is_off_by_default() {
     );
 }
 
-/// A self-signed certificate for 127.0.0.1 and localhost as PEM files in `dir`: (cert, key).
-fn test_certificate(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
-    let names = vec!["127.0.0.1".to_owned(), "localhost".to_owned()];
-    let certified = rcgen::generate_simple_self_signed(names).expect("certificate");
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    std::fs::write(&cert, certified.cert.pem()).unwrap();
-    std::fs::write(&key, certified.signing_key.serialize_pem()).unwrap();
-    (cert, key)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn https_serves_requests_and_streams_with_a_pem_certificate() {
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = test_certificate(dir.path());
+    let (cert, key) = crate::helpers::test_certificate(dir.path());
     let app = TestApp::on_embedded(&format!("[tls]\ncert = {cert:?}\nkey = {key:?}\n")).await;
     assert!(app.url("/").starts_with("https://"));
     let mut events = app.subscribe("/api/streams/secure/events", &[]).await;
@@ -451,7 +441,7 @@ async fn https_serves_requests_and_streams_with_a_pem_certificate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_over_tls_with_an_acl_user() {
     let dir = tempfile::tempdir().unwrap();
-    let (cert, key) = test_certificate(dir.path());
+    let (cert, key) = crate::helpers::test_certificate(dir.path());
     let tls_port = crate::helpers::redis_server::free_port();
     let tls_args: Vec<String> = [
         "--tls-port",

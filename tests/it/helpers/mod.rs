@@ -1,6 +1,7 @@
 //! Test helpers: a streamgate per test on port 0 (in-process, or the real binary as a child
 //! process), its own `redis-server`, and an HTTP client that talks to it over real HTTP.
 
+pub mod browser;
 pub mod gateway;
 pub mod process;
 pub mod redis_cluster;
@@ -58,6 +59,16 @@ pub fn embedded_on_disk(dir: &std::path::Path) -> EmbeddedBackend {
         cache_size: 8 << 20,
     };
     EmbeddedBackend::open(&options, CancellationToken::new()).expect("open the data directory")
+}
+
+/// A self-signed certificate for 127.0.0.1 and localhost as PEM files in `dir`: (cert, key).
+pub fn test_certificate(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    let names = vec!["127.0.0.1".to_owned(), "localhost".to_owned()];
+    let certified = rcgen::generate_simple_self_signed(names).expect("certificate");
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, certified.cert.pem()).expect("write the certificate");
+    std::fs::write(&key, certified.signing_key.serialize_pem()).expect("write the key");
+    (cert, key)
 }
 
 /// The configuration of a cluster's seed nodes (`redis.cluster` detected).
