@@ -495,18 +495,27 @@ async fn a_websocket_refused_over_capacity_gets_1013_even_while_sending() {
     }
 }
 
+/// A WebSocket subscribed to `topic` (its `subscribed` reply read).
+async fn subscribed_websocket(
+    app: &TestApp,
+    topic: &str,
+) -> tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<TcpStream>> {
+    let mut socket = websocket(app).await;
+    let subscribe = json!({ "type": "subscribe", "topics": [topic] }).to_string();
+    socket.send(Message::text(subscribe)).await.unwrap();
+    let subscribed = socket.next().await;
+    assert!(
+        matches!(&subscribed, Some(Ok(Message::Text(text))) if text.contains("subscribed")),
+        "{subscribed:?}"
+    );
+    socket
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn websocket_closes_complete_the_closing_handshake() {
     let app = TestApp::on_embedded("").await;
     // The client closes: the server answers with its close frame (no abnormal 1006).
-    let mut socket = websocket(&app).await;
-    socket
-        .send(Message::text(
-            r#"{"type":"subscribe","topics":["closing"]}"#,
-        ))
-        .await
-        .unwrap();
-    let _subscribed = socket.next().await;
+    let mut socket = subscribed_websocket(&app, "closing").await;
     socket.close(None).await.unwrap();
     let reply = tokio::time::timeout(Duration::from_secs(5), socket.next())
         .await
@@ -516,14 +525,7 @@ async fn websocket_closes_complete_the_closing_handshake() {
         "{reply:?}"
     );
     // The server closes (shutdown): 1012, and the handshake completes.
-    let mut socket = websocket(&app).await;
-    socket
-        .send(Message::text(
-            r#"{"type":"subscribe","topics":["closing"]}"#,
-        ))
-        .await
-        .unwrap();
-    let _subscribed = socket.next().await;
+    let mut socket = subscribed_websocket(&app, "closing").await;
     app.begin_shutdown();
     assert_eq!(close_code(&mut socket).await, Some(CloseCode::Restart));
     let after = tokio::time::timeout(Duration::from_secs(5), socket.next())
