@@ -16,7 +16,7 @@ use axum::response::Response;
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
 use futures_util::{SinkExt, StreamExt};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tokio_stream::StreamMap;
 use utoipa_axum::router::OpenApiRouter;
@@ -33,7 +33,7 @@ use super::produce::{TopicMessage, publish_one, v1_message_id};
 use super::sse::json_string;
 use crate::delivery::hub::Frame;
 use crate::metrics;
-use crate::model::StreamName;
+use crate::model::{ConsumerName, EntryId, GroupName, StreamName};
 
 /// The frame cache slot of a broadcast message's WebSocket encoding.
 const SLOT_WS: usize = 2;
@@ -255,7 +255,7 @@ async fn handle(
         "unsubscribe" => unsubscribe(subscriptions, &text, reference),
         "ack" => ack(state, caller, &text, reference).await,
         "publish" => publish(state, caller, &text, reference).await,
-        "ping" => Ok(reply("pong", reference, "")),
+        "ping" => Ok(Reply::Pong.encode(reference)),
         other => Err(("unknown_type", format!("unknown frame type {other:?}"))),
     };
     match outcome {
@@ -294,32 +294,74 @@ fn parse<'a, T: Deserialize<'a>>(text: &'a str) -> Result<T, (&'static str, Stri
     serde_json::from_str(text).map_err(|error| ("invalid_frame", error.to_string()))
 }
 
-/// `{"type": kind, …fields, "ref": …}`; `fields` is `,"a":1,…` or empty.
-fn reply(kind: &str, reference: Option<&RawValue>, fields: &str) -> Utf8Bytes {
-    let mut text = format!(r#"{{"type":"{kind}""#);
-    text.push_str(fields);
-    if let Some(reference) = reference {
-        text.push_str(r#","ref":"#);
-        text.push_str(reference.get());
+/// What the server sends besides messages (those are encoded by hand, once per message for
+/// every subscriber: see [`message_frame`]).
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Reply<'a> {
+    Subscribed {
+        topics: &'a [StreamName],
+        #[serde(skip_serializing_if = "Option::is_none")]
+        group: Option<&'a GroupName>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        client_id: Option<&'a ConsumerName>,
+    },
+    Unsubscribed {
+        topics: &'a [StreamName],
+    },
+    Ack {
+        acked: u64,
+    },
+    Published {
+        topic: &'a StreamName,
+        message_id: String,
+    },
+    Pong,
+    Gap {
+        topic: &'a StreamName,
+        requested: EntryId,
+        resumed_from: EntryId,
+    },
+    Error {
+        code: &'a str,
+        message: &'a str,
+        /// Why a subscription ended (`subscription_ended`).
+        #[serde(skip_serializing_if = "Option::is_none")]
+        reason: Option<&'static str>,
+        #[serde(skip_serializing_if = "Option::is_none")]
+        topic: Option<&'a StreamName>,
+    },
+}
+
+impl Reply<'_> {
+    /// The reply as a text frame, echoing the request's `ref`.
+    fn encode(&self, reference: Option<&RawValue>) -> Utf8Bytes {
+        #[derive(Serialize)]
+        struct Envelope<'a, 'b> {
+            #[serde(flatten)]
+            reply: &'a Reply<'b>,
+            #[serde(rename = "ref", skip_serializing_if = "Option::is_none")]
+            reference: Option<&'a RawValue>,
+        }
+        let envelope = Envelope {
+            reply: self,
+            reference,
+        };
+        // Names, ids and text: nothing here fails to serialize.
+        serde_json::to_string(&envelope)
+            .map(Utf8Bytes::from)
+            .unwrap_or_else(|_| Utf8Bytes::from_static(r#"{"type":"error","code":"internal"}"#))
     }
-    text.push('}');
-    Utf8Bytes::from(text)
 }
 
 fn error_frame(reference: Option<&RawValue>, code: &str, message: &str) -> Utf8Bytes {
-    reply(
-        "error",
-        reference,
-        &format!(
-            r#","code":{},"message":{}"#,
-            json_string(code),
-            json_string(message)
-        ),
-    )
-}
-
-fn names_json(names: &[StreamName]) -> String {
-    serde_json::to_string(names).unwrap_or_else(|_| "[]".into())
+    Reply::Error {
+        code,
+        message,
+        reason: None,
+        topic: None,
+    }
+    .encode(reference)
 }
 
 async fn subscribe(
@@ -366,18 +408,17 @@ async fn subscribe(
     let opened = consume::open(state, caller, request, metrics::transport::WEBSOCKET)
         .await
         .map_err(from_api)?;
-    let mut fields = format!(r#","topics":{}"#, names_json(&topics));
-    if let Some((group, consumer)) = opened.first().and_then(|opened| opened.group.clone()) {
-        fields.push_str(&format!(
-            r#","group":{},"client_id":{}"#,
-            json_string(group.as_str()),
-            json_string(consumer.as_str())
-        ));
+    let group = opened.first().and_then(|opened| opened.group.clone());
+    let reply = Reply::Subscribed {
+        topics: &topics,
+        group: group.as_ref().map(|(group, _)| group),
+        client_id: group.as_ref().map(|(_, consumer)| consumer),
     }
+    .encode(reference);
     for opened in opened {
         subscriptions.insert(opened.stream.clone(), frames(opened));
     }
-    Ok(reply("subscribed", reference, &fields))
+    Ok(reply)
 }
 
 /// A subscription's deliveries as frames; a broadcast message's frame is encoded once for every
@@ -410,26 +451,22 @@ fn frames(opened: Opened) -> Outgoing {
             Delivery::Gap {
                 requested,
                 resumed_from,
-            } => reply(
-                "gap",
-                None,
-                &format!(
-                    r#","topic":{},"requested":"{requested}","resumed_from":"{resumed_from}""#,
-                    json_string(stream.as_str())
-                ),
-            ),
-            Delivery::End(reason) => {
-                let fields = format!(
-                    r#","code":"subscription_ended","reason":"{}","topic":{},"message":{}"#,
-                    reason.as_str(),
-                    json_string(stream.as_str()),
-                    json_string(&format!(
-                        "the subscription to {stream} ended ({}); subscribe again to recreate it",
-                        reason.as_str()
-                    )),
-                );
-                reply("error", None, &fields)
+            } => Reply::Gap {
+                topic: &stream,
+                requested,
+                resumed_from,
             }
+            .encode(None),
+            Delivery::End(reason) => Reply::Error {
+                code: "subscription_ended",
+                message: &format!(
+                    "the subscription to {stream} ended ({}); subscribe again to recreate it",
+                    reason.as_str()
+                ),
+                reason: Some(reason.as_str()),
+                topic: Some(&stream),
+            }
+            .encode(None),
         })
         .boxed()
 }
@@ -481,11 +518,7 @@ fn unsubscribe(
             removed.push(topic);
         }
     }
-    Ok(reply(
-        "unsubscribed",
-        reference,
-        &format!(r#","topics":{}"#, names_json(&removed)),
-    ))
+    Ok(Reply::Unsubscribed { topics: &removed }.encode(reference))
 }
 
 async fn ack(
@@ -508,7 +541,7 @@ async fn ack(
     let acked = acknowledge(state, caller, references)
         .await
         .map_err(from_api)?;
-    Ok(reply("ack", reference, &format!(r#","acked":{acked}"#)))
+    Ok(Reply::Ack { acked }.encode(reference))
 }
 
 async fn publish(
@@ -541,10 +574,10 @@ async fn publish(
         .first()
         .copied()
         .ok_or(("internal", "no id".to_owned()))?;
-    let fields = format!(
-        r#","topic":{},"message_id":"{}""#,
-        json_string(topic.as_str()),
-        v1_message_id(&topic, id)
-    );
-    Ok(reply("published", reference, &fields))
+    let message_id = v1_message_id(&topic, id);
+    Ok(Reply::Published {
+        topic: &topic,
+        message_id,
+    }
+    .encode(reference))
 }
