@@ -319,6 +319,7 @@ async fn correlate(State(metrics): State<Arc<Metrics>>, request: Request, next: 
         .get::<MatchedPath>()
         .map_or_else(|| "unmatched".to_owned(), |path| path.as_str().to_owned());
     let method = request.method().clone();
+    let refused_body_may_be_unread = carries_body(&request);
     let span = tracing::info_span!(
         "request",
         correlation_id = %id,
@@ -337,6 +338,14 @@ async fn correlate(State(metrics): State<Arc<Metrics>>, request: Request, next: 
     if let Ok(value) = HeaderValue::from_str(&id) {
         response.headers_mut().insert(CORRELATION_HEADER, value);
     }
+    if refused_body_may_be_unread && response.status().is_client_error() {
+        // Refused before its body was read (too large, unauthenticated…): hyper closes the
+        // connection rather than read the rest; saying so keeps clients from reusing it for
+        // their next request, which would then fail.
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
     let status = response.status().as_u16();
     let elapsed = started.elapsed().as_secs_f64();
     metrics.request(&route, &method, status, elapsed);
@@ -352,6 +361,17 @@ async fn correlate(State(metrics): State<Arc<Metrics>>, request: Request, next: 
         }
     });
     response.into_response()
+}
+
+/// Whether `request` is HTTP/1 with a body (HTTP/2 has no connection to close, and forbids the
+/// `Connection` header).
+fn carries_body(request: &Request) -> bool {
+    let headers = request.headers();
+    request.version() <= axum::http::Version::HTTP_11
+        && (headers.contains_key(header::TRANSFER_ENCODING)
+            || headers
+                .get(header::CONTENT_LENGTH)
+                .is_some_and(|length| length.as_bytes() != b"0"))
 }
 
 /// Probes and scrapes arrive every few seconds; they are logged at debug level only.

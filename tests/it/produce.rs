@@ -332,6 +332,9 @@ async fn oversize_input_is_413_and_writes_nothing(app: TestApp) {
             reqwest::Body::wrap_stream(futures_util::stream::iter(chunks)),
         )
         .await;
+    // Answered before the rest of the body was read: the connection closes, and says so, or a
+    // client reusing it for its next request (the next lines) would see that one fail.
+    assert_eq!(response.headers()["connection"], "close");
     problem(response, 413).await;
     assert_absent(&app, "big").await;
     let response = app

@@ -87,6 +87,18 @@ impl Ws {
     }
 }
 
+/// Waits until `group` of `stream` has no consumer connected (the server has seen them go).
+async fn until_no_consumers(app: &TestApp, stream: &str, group: &str) {
+    let path = format!("/api/consumers/{stream}/{group}");
+    for _ in 0..500 {
+        if app.get(&path).await.status() == 404 {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("{group} of {stream} still has consumers after 5 s");
+}
+
 async fn websocket_group_consumers_ack_and_get_redeliveries(app: TestApp) {
     app.publish("jobs", json!({ "job": 1 })).await;
     let mut ws = Ws::connect(&app).await;
@@ -115,6 +127,9 @@ async fn websocket_group_consumers_ack_and_get_redeliveries(app: TestApp) {
         .await;
     assert_eq!(again["acked"], 0, "already acknowledged");
     drop(ws);
+    // Once the server has seen that socket go: a message published before would be delivered
+    // to it (and redelivered to the next w1, one delivery more than this test counts).
+    until_no_consumers(&app, "jobs", "workers").await;
 
     // Acknowledged: not redelivered. Unacknowledged: redelivered after the visibility timeout.
     app.publish("jobs", json!({ "job": 2 })).await;
@@ -124,12 +139,7 @@ async fn websocket_group_consumers_ack_and_get_redeliveries(app: TestApp) {
     assert_eq!(second_job["payload"], json!({ "job": 2 }));
     drop(first);
     // Once the server has seen w1 go, the claim can only go to w2: its second delivery.
-    for _ in 0..200 {
-        if app.get("/api/consumers/jobs/workers").await.status() == 404 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    until_no_consumers(&app, "jobs", "workers").await;
     let mut other = Ws::connect(&app).await;
     other.call(json!({ "type": "subscribe", "topics": ["jobs"], "group": "workers", "client_id": "w2" })).await;
     let redelivered = other
