@@ -292,11 +292,11 @@ impl Accepted {
         Ok(())
     }
 
-    /// Logs and counts a later request head hyper refused (its answer, if any, has no body).
+    /// Logs and counts a later request head hyper refused (its answer has no body). Not its
+    /// header timeouts: hyper reports an idle keep-alive connection it closes after
+    /// `HEADER_READ_TIMEOUT` the same way as a late head, and idle connections are no refusal.
     fn count_refused_by_hyper(&self, error: &hyper::Error) {
-        let status = if error.is_timeout() {
-            StatusCode::REQUEST_TIMEOUT
-        } else if error.is_parse_too_large() {
+        let status = if error.is_parse_too_large() {
             StatusCode::REQUEST_HEADER_FIELDS_TOO_LARGE
         } else if error.is_parse() {
             StatusCode::BAD_REQUEST
