@@ -35,6 +35,7 @@ use axum::extract::ConnectInfo;
 use axum::http::{HeaderName, HeaderValue, Method, Request, StatusCode, Version, header};
 use axum::response::Response;
 use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures_util::future::Either;
 use futures_util::{FutureExt, StreamExt};
 use hyper::body::Body as _;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -338,22 +339,19 @@ fn service(
     Future = impl Future<Output = Result<Response, std::convert::Infallible>> + Send,
 > + Clone {
     hyper::service::service_fn(move |mut request: Request<hyper::body::Incoming>| {
-        let front = front.clone();
-        async move {
-            let target = request.uri().path_and_query();
-            let line = request.method().as_str().len()
-                + target.map_or(0, |target| target.as_str().len())
-                + " HTTP/1.1".len()
-                + 1;
-            if line > MAX_REQUEST_LINE {
-                return Ok(refusal(&front, remote, Refusal::RequestLineTooLong).0);
-            }
-            request.extensions_mut().insert(ConnectInfo(remote));
-            // Boxed: an HTTP/2 stream's task (and an HTTP/1.1 connection) would otherwise be
-            // sized for routing's state (every middleware's future) for as long as a response
-            // streams.
-            Box::pin(front.router.oneshot(request.map(Body::new))).await
+        let target = request.uri().path_and_query();
+        let line = request.method().as_str().len()
+            + target.map_or(0, |target| target.as_str().len())
+            + " HTTP/1.1".len()
+            + 1;
+        if line > MAX_REQUEST_LINE {
+            let (response, _) = refusal(&front, remote, Refusal::RequestLineTooLong);
+            return Either::Left(std::future::ready(Ok(response)));
         }
+        request.extensions_mut().insert(ConnectInfo(remote));
+        // Not boxed: this is every request's path (measured: boxing routing here costs publish
+        // throughput and saves no idle memory per HTTP/2 stream).
+        Either::Right(front.router.clone().oneshot(request.map(Body::new)))
     })
 }
 
