@@ -112,6 +112,14 @@ impl Principal {
         }
     }
 
+    /// How long the credential stays valid from now (`None`: it does not expire).
+    pub fn valid_for(&self) -> Option<Duration> {
+        self.expires_at.map(|at| {
+            at.duration_since(SystemTime::now())
+                .unwrap_or(Duration::ZERO)
+        })
+    }
+
     pub fn has_scope(&self, scope: Scope) -> bool {
         self.scopes.contains(&scope)
     }

@@ -124,7 +124,7 @@ impl AppState {
     pub fn ends(&self, caller: &auth::Caller) -> sse::Ends {
         sse::Ends {
             shutdown: self.shutdown.clone(),
-            expires_at: caller.0.expires_at,
+            valid_for: caller.0.valid_for(),
         }
     }
 

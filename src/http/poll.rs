@@ -181,10 +181,7 @@ async fn poll(
     // Wait for the first message (or the timeout, the credential's expiry, or shutdown); then
     // take what is already there.
     let mut wait = Duration::from_secs(timeout);
-    if let Some(expires_at) = caller.0.expires_at {
-        let left = expires_at
-            .duration_since(std::time::SystemTime::now())
-            .unwrap_or(Duration::ZERO);
+    if let Some(left) = caller.0.valid_for() {
         wait = wait.min(left);
     }
     let first = tokio::select! {

@@ -5,7 +5,7 @@
 //! axum's `sse::Event` is not used: it re-encodes for every subscriber and panics on CR/LF in
 //! `id`/`event` (see PITFALLS.md).
 
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{HeaderName, HeaderValue, StatusCode, header};
@@ -66,7 +66,8 @@ pub fn json_string(text: &str) -> String {
 /// opened it.
 pub struct Ends {
     pub shutdown: CancellationToken,
-    pub expires_at: Option<SystemTime>,
+    /// How long until the credential expires.
+    pub valid_for: Option<Duration>,
 }
 
 /// The last event of a stream the server ends on purpose: `event: end` with the reason.
@@ -98,12 +99,9 @@ pub fn response<G: Send + 'static>(
         ended: bool,
         _guard: G,
     }
-    let expiry = ends.expires_at.map(|at| {
-        let left = at
-            .duration_since(SystemTime::now())
-            .unwrap_or(Duration::ZERO);
-        Box::pin(tokio::time::sleep(left))
-    });
+    let expiry = ends
+        .valid_for
+        .map(|left| Box::pin(tokio::time::sleep(left)));
     let state = State {
         events: Box::pin(events),
         keepalive: keepalive.map(KeepAlive::new),
@@ -216,7 +214,7 @@ mod tests {
         let events = tokio_stream::wrappers::ReceiverStream::new(receiver);
         let ends = Ends {
             shutdown: CancellationToken::new(),
-            expires_at: None,
+            valid_for: None,
         };
         let response = response(events, Some(period), ends, vec![], ());
         let mut body = response.into_body().into_data_stream();

@@ -114,12 +114,10 @@ type Incoming = futures_util::stream::SplitStream<WebSocket>;
 async fn session(socket: WebSocket, state: AppState, caller: Caller) {
     let (mut sink, mut incoming) = socket.split();
     let mut subscriptions: StreamMap<StreamName, Outgoing> = StreamMap::new();
-    let expires = state.ends(&caller).expires_at.map(|at| {
-        let left = at
-            .duration_since(std::time::SystemTime::now())
-            .unwrap_or(Duration::ZERO);
-        Box::pin(tokio::time::sleep(left))
-    });
+    let expires = caller
+        .0
+        .valid_for()
+        .map(|left| Box::pin(tokio::time::sleep(left)));
     let expired = async {
         match expires {
             Some(sleep) => sleep.await,
