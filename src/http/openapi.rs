@@ -453,10 +453,12 @@ pub struct SseEvent {
     /// The entry id, or a resume cursor when several streams are merged: reconnect with it as
     /// `Last-Event-ID`.
     id: Option<String>,
-    /// `message` (the default) or `gap` (resumed later than asked: entries were trimmed away).
+    /// `message` (the default), `gap` (resumed later than asked: entries after the resume point
+    /// were removed) or `end` (the last event of a stream the server ends on purpose).
     event: Option<String>,
     /// One JSON document: `{"id","body","stream"}` plus, for group consumers, `group`,
-    /// `consumer` and `deliveries`.
+    /// `consumer` and `deliveries`; for `gap`, `{"stream","requested","resumed_from"}`; for
+    /// `end`, `{"reason"}`: `shutdown`, `token_expired`, `group_deleted` or `stream_deleted`.
     data: String,
     /// Milliseconds a browser waits before reconnecting.
     retry: Option<u64>,
