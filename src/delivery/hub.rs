@@ -372,7 +372,8 @@ impl Subscription {
                     let delay = backoff_delay(failures);
                     failures = failures.saturating_add(1);
                     tracing::warn!(%error, ?delay, stream = %self.channel.stream, "catching up failed, retrying");
-                    tokio::time::sleep(delay).await;
+                    // Boxed for the same reason.
+                    Box::pin(tokio::time::sleep(delay)).await;
                 }
                 continue;
             }

@@ -5,14 +5,19 @@
 //! axum's `sse::Event` is not used: it re-encodes for every subscriber and panics on CR/LF in
 //! `id`/`event` (see PITFALLS.md).
 
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::body::Body;
 use axum::http::{HeaderName, HeaderValue, StatusCode, header};
 use axum::response::Response;
 use bytes::{BufMut, Bytes, BytesMut};
+use futures_util::stream::BoxStream;
 use futures_util::{Stream, StreamExt};
-use tokio::time::Instant;
+use tokio::time::{Instant, Sleep};
 use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::delivery::EndReason;
@@ -80,66 +85,25 @@ pub fn end_frame(reason: EndReason) -> Bytes {
 /// when `events` ends, or with an `event: end` frame at shutdown or when the credential expires
 /// (`ends`). The first bytes go out at once, so clients see the headers without waiting for a
 /// message. `guard` (a connection permit, a counter) lives as long as the response body.
-pub fn response<G: Send + 'static>(
-    events: impl Stream<Item = Bytes> + Send + 'static,
+pub fn response<G: Send + Unpin + 'static>(
+    events: BoxStream<'static, Bytes>,
     keepalive: Option<Duration>,
     ends: Ends,
     extra_headers: Vec<(HeaderName, HeaderValue)>,
     guard: G,
 ) -> Response {
-    struct State<S, G> {
-        events: std::pin::Pin<Box<S>>,
-        /// Set when keep-alives are on: the next one is due `period` after the last bytes sent.
-        keepalive: Option<KeepAlive>,
-        /// Made once (registering with the token once, not once per event).
-        shutdown: std::pin::Pin<Box<WaitForCancellationFutureOwned>>,
-        /// Set when the credential expires (boxed: most streams have none).
-        expiry: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
-        started: bool,
-        ended: bool,
-        _guard: G,
-    }
-    let expiry = ends
-        .valid_for
-        .map(|left| Box::pin(tokio::time::sleep(left)));
-    let state = State {
-        events: Box::pin(events),
+    let body = EventStream {
+        events,
         keepalive: keepalive.map(KeepAlive::new),
         shutdown: Box::pin(ends.shutdown.cancelled_owned()),
-        expiry,
+        expiry: ends
+            .valid_for
+            .map(|left| Box::pin(tokio::time::sleep(left))),
         started: false,
         ended: false,
         _guard: guard,
     };
-    let body = futures_util::stream::unfold(state, |mut state| async move {
-        if state.ended {
-            return None;
-        }
-        if !state.started {
-            state.started = true;
-            // `retry:` asks browsers to reconnect after one second (their default is three).
-            return Some((Bytes::from_static(b": connected\nretry: 1000\n\n"), state));
-        }
-        let next = tokio::select! {
-            biased;
-            _ = state.shutdown.as_mut() => {
-                state.ended = true;
-                Some(end_frame(EndReason::Shutdown))
-            }
-            _ = expired(&mut state.expiry) => {
-                state.ended = true;
-                Some(end_frame(EndReason::TokenExpired))
-            }
-            event = state.events.next() => event,
-            _ = due(&mut state.keepalive) => Some(Bytes::from_static(KEEPALIVE)),
-        };
-        if let (Some(_), Some(keepalive)) = (&next, state.keepalive.as_mut()) {
-            keepalive.sent();
-        }
-        next.map(|bytes| (bytes, state))
-    });
-    let body = Body::from_stream(body.map(Ok::<_, std::convert::Infallible>));
-    let mut response = Response::new(body);
+    let mut response = Response::new(Body::from_stream(body));
     *response.status_mut() = StatusCode::OK;
     let headers = response.headers_mut();
     headers.insert(
@@ -157,11 +121,65 @@ pub fn response<G: Send + 'static>(
     response
 }
 
-/// Resolves when the credential has expired; never without an expiry.
-async fn expired(expiry: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>) {
-    match expiry {
-        Some(sleep) => sleep.as_mut().await,
-        None => std::future::pending().await,
+/// An SSE response body. Written by hand rather than as an async block: it lives as long as the
+/// stream, once per idle subscriber, and as a plain struct it holds each piece of state once
+/// (an async block holds its state and a future over it).
+struct EventStream<G> {
+    events: BoxStream<'static, Bytes>,
+    /// Set when keep-alives are on.
+    keepalive: Option<KeepAlive>,
+    /// Made once (registering with the token once, not once per event).
+    shutdown: Pin<Box<WaitForCancellationFutureOwned>>,
+    /// Set when the credential expires (boxed: most streams have none).
+    expiry: Option<Pin<Box<Sleep>>>,
+    started: bool,
+    ended: bool,
+    _guard: G,
+}
+
+impl<G: Unpin> Stream for EventStream<G> {
+    type Item = Result<Bytes, Infallible>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        if !this.started {
+            this.started = true;
+            // `retry:` asks browsers to reconnect after one second (their default is three).
+            return Poll::Ready(Some(Ok(Bytes::from_static(
+                b": connected\nretry: 1000\n\n",
+            ))));
+        }
+        // In this order: an end wins over events, and a keep-alive is sent only when nothing
+        // else is.
+        let expired = |expiry: &mut Option<Pin<Box<Sleep>>>, cx: &mut Context<'_>| {
+            expiry
+                .as_mut()
+                .is_some_and(|sleep| sleep.as_mut().poll(cx).is_ready())
+        };
+        let next = if this.shutdown.as_mut().poll(cx).is_ready() {
+            this.ended = true;
+            Some(end_frame(EndReason::Shutdown))
+        } else if expired(&mut this.expiry, cx) {
+            this.ended = true;
+            Some(end_frame(EndReason::TokenExpired))
+        } else if let Poll::Ready(event) = this.events.poll_next_unpin(cx) {
+            event
+        } else if this
+            .keepalive
+            .as_mut()
+            .is_some_and(|keepalive| keepalive.poll_due(cx).is_ready())
+        {
+            Some(Bytes::from_static(KEEPALIVE))
+        } else {
+            return Poll::Pending;
+        };
+        if let (Some(_), Some(keepalive)) = (&next, this.keepalive.as_mut()) {
+            keepalive.sent();
+        }
+        Poll::Ready(next.map(Ok))
     }
 }
 
@@ -170,7 +188,7 @@ async fn expired(expiry: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>) {
 struct KeepAlive {
     period: Duration,
     last_sent: Instant,
-    timer: std::pin::Pin<Box<tokio::time::Sleep>>,
+    timer: Pin<Box<Sleep>>,
 }
 
 impl KeepAlive {
@@ -186,20 +204,17 @@ impl KeepAlive {
     fn sent(&mut self) {
         self.last_sent = Instant::now();
     }
-}
 
-/// Resolves when a keep-alive is due: `period` after the last bytes sent.
-async fn due(keepalive: &mut Option<KeepAlive>) {
-    let Some(keepalive) = keepalive else {
-        return std::future::pending().await;
-    };
-    loop {
-        keepalive.timer.as_mut().await;
-        let due_at = keepalive.last_sent + keepalive.period;
-        if Instant::now() >= due_at {
-            return;
+    /// Ready when a keep-alive is due: `period` after the last bytes sent.
+    fn poll_due(&mut self, cx: &mut Context<'_>) -> Poll<()> {
+        loop {
+            std::task::ready!(self.timer.as_mut().poll(cx));
+            let due_at = self.last_sent + self.period;
+            if Instant::now() >= due_at {
+                return Poll::Ready(());
+            }
+            self.timer.as_mut().reset(due_at);
         }
-        keepalive.timer.as_mut().reset(due_at);
     }
 }
 
@@ -216,7 +231,7 @@ mod tests {
             shutdown: CancellationToken::new(),
             valid_for: None,
         };
-        let response = response(events, Some(period), ends, vec![], ());
+        let response = response(events.boxed(), Some(period), ends, vec![], ());
         let mut body = response.into_body().into_data_stream();
         let first = body.next().await.unwrap().unwrap();
         assert!(first.starts_with(b": connected"));
