@@ -211,31 +211,52 @@ async fn close(sink: &mut Sink, incoming: &mut Incoming, code: u16, reason: &'st
     .await;
 }
 
-/// A client frame: one JSON object, its kind named by `type`.
+/// What every client frame has: its kind, and the `ref` a reply echoes (raw, as sent).
 #[derive(Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case")]
-enum ClientFrame {
-    Subscribe(Subscribe),
-    Unsubscribe(Unsubscribe),
-    Ack(Ack),
-    Publish(Publish),
+struct Envelope<'a> {
+    #[serde(rename = "type")]
+    kind: FrameKind,
+    #[serde(rename = "ref", borrow)]
+    reference: Option<&'a RawValue>,
+}
+
+/// A frame's `type`.
+#[derive(Deserialize, Clone, Copy)]
+#[serde(rename_all = "snake_case")]
+enum FrameKind {
+    Subscribe,
+    Unsubscribe,
+    Ack,
+    Publish,
     Ping,
-    /// Any other `type` (answered with `unknown_type`).
     #[serde(other)]
     Unknown,
 }
 
-/// What a frame carries as raw JSON, borrowed from its bytes: the `ref` a reply echoes and a
-/// publish's `payload` (stored exactly as received). Read apart from [`ClientFrame`] because a
-/// tagged enum cannot hold raw JSON.
-#[derive(Deserialize)]
-struct Raw<'a> {
-    #[serde(rename = "type", borrow)]
-    kind: Option<std::borrow::Cow<'a, str>>,
-    #[serde(rename = "ref", borrow)]
-    reference: Option<&'a RawValue>,
-    #[serde(borrow)]
-    payload: Option<&'a RawValue>,
+/// A client frame: one JSON object, its kind named by `type`.
+enum ClientFrame<'a> {
+    Subscribe(Subscribe),
+    Unsubscribe(Unsubscribe),
+    Ack(Ack),
+    Publish(Publish<'a>),
+    Ping,
+}
+
+impl<'a> ClientFrame<'a> {
+    /// The frame of `kind` in `bytes` (its envelope already read). Each kind is read straight
+    /// into its own fields rather than through `#[serde(tag)]`, which would first copy the whole
+    /// object into a buffer of its own — a publish's payload included — and cannot hold the raw
+    /// payload a publish stores exactly as received. `None` for an unknown kind.
+    fn parse(kind: FrameKind, bytes: &'a [u8]) -> Option<serde_json::Result<ClientFrame<'a>>> {
+        Some(match kind {
+            FrameKind::Subscribe => serde_json::from_slice(bytes).map(ClientFrame::Subscribe),
+            FrameKind::Unsubscribe => serde_json::from_slice(bytes).map(ClientFrame::Unsubscribe),
+            FrameKind::Ack => serde_json::from_slice(bytes).map(ClientFrame::Ack),
+            FrameKind::Publish => serde_json::from_slice(bytes).map(ClientFrame::Publish),
+            FrameKind::Ping => Ok(ClientFrame::Ping),
+            FrameKind::Unknown => return None,
+        })
+    }
 }
 
 #[derive(Deserialize)]
@@ -259,10 +280,12 @@ struct Ack {
     message_ids: Option<Vec<String>>,
 }
 
-/// A publish's fields besides its `payload` (see [`Raw`]).
 #[derive(Deserialize)]
-struct Publish {
+struct Publish<'a> {
     topic: String,
+    /// Borrowed from the frame's bytes: stored exactly as received.
+    #[serde(borrow)]
+    payload: &'a RawValue,
     ttl: Option<u64>,
 }
 
@@ -275,8 +298,8 @@ async fn handle(
 ) -> Vec<Utf8Bytes> {
     // A publish's payload borrows from these bytes.
     let bytes = Bytes::from(text);
-    let raw: Raw = match serde_json::from_slice(&bytes) {
-        Ok(raw) => raw,
+    let envelope: Envelope = match serde_json::from_slice(&bytes) {
+        Ok(envelope) => envelope,
         Err(error) => {
             return vec![error_frame(
                 None,
@@ -285,26 +308,22 @@ async fn handle(
             )];
         }
     };
-    let reference = raw.reference;
-    let frame: ClientFrame = match serde_json::from_slice(&bytes) {
-        Ok(frame) => frame,
-        Err(error) => return vec![error_frame(reference, "invalid_frame", &error.to_string())],
-    };
-    let outcome = match frame {
-        ClientFrame::Subscribe(frame) => {
+    let reference = envelope.reference;
+    let outcome = match ClientFrame::parse(envelope.kind, &bytes) {
+        None => Err((
+            "unknown_type",
+            "unknown frame type: expected subscribe, unsubscribe, ack, publish or ping".to_owned(),
+        )),
+        Some(Err(error)) => Err(("invalid_frame", error.to_string())),
+        Some(Ok(ClientFrame::Subscribe(frame))) => {
             subscribe(state, caller, subscriptions, frame, reference).await
         }
-        ClientFrame::Unsubscribe(frame) => unsubscribe(subscriptions, frame, reference),
-        ClientFrame::Ack(frame) => ack(state, caller, frame, reference).await,
-        ClientFrame::Publish(frame) => match raw.payload {
-            Some(payload) => publish(state, caller, &bytes, frame, payload, reference).await,
-            None => Err(("invalid_frame", "missing field `payload`".to_owned())),
-        },
-        ClientFrame::Ping => Ok(Reply::Pong.encode(reference)),
-        ClientFrame::Unknown => Err((
-            "unknown_type",
-            format!("unknown frame type {:?}", raw.kind.unwrap_or_default()),
-        )),
+        Some(Ok(ClientFrame::Unsubscribe(frame))) => unsubscribe(subscriptions, frame, reference),
+        Some(Ok(ClientFrame::Ack(frame))) => ack(state, caller, frame, reference).await,
+        Some(Ok(ClientFrame::Publish(frame))) => {
+            publish(state, caller, &bytes, frame, reference).await
+        }
+        Some(Ok(ClientFrame::Ping)) => Ok(Reply::Pong.encode(reference)),
     };
     match outcome {
         Ok(reply) => vec![reply],
@@ -589,14 +608,13 @@ async fn publish(
     state: &AppState,
     caller: &Caller,
     body: &Bytes,
-    request: Publish,
-    payload: &RawValue,
+    request: Publish<'_>,
     reference: Option<&RawValue>,
 ) -> Outcome {
     // The payload is stored exactly as received, borrowed from the frame's bytes (`body`).
     let message = TopicMessage {
         topic: request.topic,
-        payload,
+        payload: request.payload,
         ttl: request.ttl,
     };
     let (topic, outcome) = publish_one(
