@@ -274,6 +274,16 @@ pub async fn open(
     Ok(opened)
 }
 
+/// Where each of several broadcast subscriptions starts, as the cursor their events carry.
+pub fn positions(opened: &[Opened]) -> cursor::Positions {
+    cursor::Positions::new(
+        opened
+            .iter()
+            .map(|opened| (opened.stream.clone(), opened.position))
+            .collect(),
+    )
+}
+
 /// The deliveries of several subscriptions, interleaved as they come, each with the index of
 /// the subscription it came from.
 pub fn merge(opened: Vec<Opened>) -> BoxStream<'static, (usize, Delivery)> {

@@ -17,7 +17,6 @@ use super::error::ApiError;
 use super::extract::QueryPairs;
 use super::openapi::{Conflicting, Guarded, Invalid, SseEvent, StartSchema};
 use super::sse::{self, json_string};
-use crate::delivery::cursor;
 use crate::delivery::groups::GroupMessage;
 use crate::delivery::hub::Frame;
 use crate::metrics;
@@ -167,12 +166,7 @@ fn one_stream_frames(opened: Opened) -> impl Stream<Item = Bytes> + Send + 'stat
 /// Broadcast events of several streams, interleaved as they come, each with the cursor of every
 /// stream's position as its id.
 fn several_streams_frames(opened: Vec<Opened>) -> impl Stream<Item = Bytes> + Send + 'static {
-    let mut positions = cursor::Positions::new(
-        opened
-            .iter()
-            .map(|opened| (opened.stream.clone(), opened.position))
-            .collect(),
-    );
+    let mut positions = consume::positions(&opened);
     consume::merge(opened).filter_map(move |(index, delivery)| {
         let frame = match delivery {
             Delivery::Broadcast(frame) => {

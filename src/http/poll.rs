@@ -26,7 +26,6 @@ use super::extract::{LimitedBody, QueryPairs, parse_json};
 use super::message_id::MessageRef;
 use super::openapi::{Conflicting, Guarded, Invalid, MessageIdSchema, TooLarge};
 use crate::auth::Scope;
-use crate::delivery::cursor;
 use crate::metrics;
 use crate::model::{ConsumerName, Entry, EntryId, GroupName, StreamName};
 
@@ -164,14 +163,10 @@ async fn poll(
             (opened.stream.clone(), group)
         })
         .collect();
-    let mut positions = opened[0].group.is_none().then(|| {
-        cursor::Positions::new(
-            opened
-                .iter()
-                .map(|opened| (opened.stream.clone(), opened.position))
-                .collect(),
-        )
-    });
+    let mut positions = opened[0]
+        .group
+        .is_none()
+        .then(|| consume::positions(&opened));
     let mut merged = consume::merge(opened);
     let mut reply = PollReply {
         messages: Vec::new(),
