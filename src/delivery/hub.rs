@@ -1,8 +1,8 @@
 //! Broadcast: every subscriber of a stream sees every message, and a subscriber that reconnects
 //! continues exactly after the last id it saw.
 //!
-//! One reader per instance reads every stream that has subscribers here with one blocking read,
-//! and turns each entry into one shared [`Frame`]; transports cache their encoding of a frame in
+//! The instance's one tail reader ([`super::tails`]) reads every stream that has subscribers
+//! here, and the hub turns each entry into one shared [`Frame`]; transports cache their encoding of a frame in
 //! it, so a message is serialized once however many subscribers it has. Each stream keeps a ring
 //! of recent frames so a reconnect with a recent id needs no backend read.
 //!
@@ -23,7 +23,7 @@ use tokio::sync::{Notify, broadcast};
 use tokio_util::sync::CancellationToken;
 
 use super::newest_id;
-use super::tails::{self, Tails};
+use super::tails::Tails;
 use crate::backend::{AnyBackend, Backend, BackendError, Direction, RangeQuery, backoff_delay};
 use crate::model::{Entry, EntryId, StreamName, now_ms};
 
@@ -136,14 +136,15 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Channel {
-    /// Adds entries read after the tail to the ring and sends them live, in order.
-    fn push(&self, entries: Vec<Entry>) {
+    /// Adds the entries read after the tail to the ring and sends them live, in order (those
+    /// up to the tail are skipped).
+    fn push(&self, entries: &[Entry]) {
         let mut ring = lock(&self.ring);
         for entry in entries {
             if ring.tail.is_some_and(|tail| entry.id <= tail) {
                 continue;
             }
-            let frame = Arc::new(Frame::new(self.stream.clone(), entry));
+            let frame = Arc::new(Frame::new(self.stream.clone(), entry.clone()));
             ring.tail = Some(frame.id());
             ring.bytes += frame.size();
             ring.frames.push_back(frame.clone());
@@ -164,8 +165,8 @@ impl Channel {
 struct Shared {
     backend: AnyBackend,
     channels: Mutex<HashMap<StreamName, Arc<Channel>>>,
-    /// Wakes the reader when the set of streams changes (one waiter).
-    changed: Notify,
+    /// Wakes the tail reader when the set of streams changes.
+    changed: Arc<Notify>,
 }
 
 /// The instance's broadcast hub. Cheap to clone.
@@ -198,20 +199,25 @@ impl Drop for Subscription {
 }
 
 impl Hub {
-    /// Starts the reader and the sweeper; both run until `shutdown`.
-    pub fn start(backend: AnyBackend, shutdown: CancellationToken) -> Hub {
+    /// A hub that tells the tail reader of its changes through `changed`, and its sweeper (it
+    /// runs until `shutdown`); it receives entries once the reader is given [`Hub::follower`].
+    pub(super) fn start(
+        backend: AnyBackend,
+        changed: Arc<Notify>,
+        shutdown: CancellationToken,
+    ) -> Hub {
         let shared = Arc::new(Shared {
-            backend: backend.clone(),
-            channels: Mutex::new(HashMap::new()),
-            changed: Notify::new(),
-        });
-        tokio::spawn(tails::follow(
             backend,
-            Arc::downgrade(&shared),
-            shutdown.clone(),
-        ));
+            channels: Mutex::new(HashMap::new()),
+            changed,
+        });
         tokio::spawn(sweep(Arc::downgrade(&shared), shutdown));
         Hub { shared }
+    }
+
+    /// What the tail reader feeds.
+    pub(super) fn follower(&self) -> Weak<dyn Tails> {
+        Arc::downgrade(&self.shared) as Weak<dyn Tails>
     }
 
     /// Subscribes to a stream from `start`. Fails before anything is sent when `start` is an id
@@ -470,13 +476,10 @@ impl Subscription {
     }
 }
 
-/// The reader: one blocking read over every stream with a channel, feeding the channels.
+/// What the tail reader reads for the hub: every stream with a channel, a page at a time.
 impl Tails for Shared {
-    const NAME: &'static str = "broadcast reader";
-    const COUNT: usize = PAGE;
-
-    fn changed(&self) -> &Notify {
-        &self.changed
+    fn count(&self) -> usize {
+        PAGE
     }
 
     fn cursors(&self) -> Vec<(StreamName, Option<EntryId>)> {
@@ -498,17 +501,11 @@ impl Tails for Shared {
         channel.initialised.notify_waiters();
     }
 
-    async fn found(
-        &self,
-        _backend: &AnyBackend,
-        stream: StreamName,
-        entries: Vec<Entry>,
-    ) -> Result<(), BackendError> {
-        let channel = lock(&self.channels).get(&stream).cloned();
+    fn found(&self, stream: &StreamName, entries: &[Entry], _newest: EntryId) {
+        let channel = lock(&self.channels).get(stream).cloned();
         if let Some(channel) = channel {
             channel.push(entries);
         }
-        Ok(())
     }
 }
 

@@ -1,7 +1,8 @@
 //! Delivery: turning stored entries into messages for connected clients, whatever the
 //! transport. Consumer groups (competing consumers, acknowledged) live in [`groups`]; the stream
 //! watcher that wakes them in [`watcher`]; broadcast (every subscriber sees every message) in
-//! [`hub`], with multi-stream resume positions in [`cursor`].
+//! [`hub`], with multi-stream resume positions in [`cursor`]. One tail reader ([`tails`]) feeds
+//! both the watcher and the hub.
 //!
 //! Knows the backend and the model; knows nothing about HTTP, SSE framing or WebSocket frames.
 
@@ -14,6 +15,7 @@ pub mod watcher;
 
 use std::sync::Arc;
 
+use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use self::groups::{GroupSettings, Groups};
@@ -30,15 +32,23 @@ pub struct Delivery {
 }
 
 impl Delivery {
-    /// Starts the stream watcher, the group dispatch and the broadcast hub; they run until
-    /// `shutdown`.
+    /// Starts the tail reader feeding the stream watcher and the broadcast hub, and the group
+    /// dispatch; they run until `shutdown`.
     pub fn start(
         backend: AnyBackend,
         settings: GroupSettings,
         metrics: Arc<Metrics>,
         shutdown: CancellationToken,
     ) -> Delivery {
-        let watcher = Watcher::start(backend.clone(), shutdown.clone());
+        let changed = Arc::new(Notify::new());
+        let watcher = Watcher::new(changed.clone());
+        let hub = Hub::start(backend.clone(), changed.clone(), shutdown.clone());
+        tokio::spawn(tails::follow(
+            backend.clone(),
+            vec![watcher.follower(), hub.follower()],
+            changed,
+            shutdown.clone(),
+        ));
         Delivery {
             groups: Groups::start(
                 backend.clone(),
@@ -47,7 +57,7 @@ impl Delivery {
                 metrics,
                 shutdown.clone(),
             ),
-            hub: Hub::start(backend, shutdown),
+            hub,
         }
     }
 }

@@ -1,10 +1,12 @@
-//! The blocking tail reader that the group watcher and the broadcast hub both run: one blocking
-//! read over every stream a follower follows, issued again every `BLOCK`, cut short when the set
-//! of streams changes, and retried with backoff while the backend fails. What a read finds is the
-//! follower's business ([`Tails`]): the watcher moves a tail, the hub feeds a channel.
+//! The instance's one tail reader: one blocking read over every stream that the group watcher or
+//! the broadcast hub follows, issued again every `BLOCK`, cut short when a follower's set of
+//! streams changes, and retried with backoff while the backend fails. A stream that both follow
+//! is read once, from the lower of their cursors; the follower ahead skips the ids it has seen.
+//! What a read finds is each follower's business ([`Tails`]): the watcher moves a tail, the hub
+//! feeds a channel.
 
-use std::future::Future;
-use std::sync::Weak;
+use std::collections::HashMap;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -17,15 +19,12 @@ use crate::model::{Entry, EntryId, StreamName};
 /// How long one blocking read waits before it is issued again.
 const BLOCK: Duration = Duration::from_secs(10);
 
-/// A follower of stream tails.
-pub(super) trait Tails: Send + Sync + 'static {
-    /// What the follower is, for log lines.
-    const NAME: &'static str;
-    /// Most entries one read returns per stream.
-    const COUNT: usize;
-
-    /// Notified when the set of followed streams changes (it cuts a blocking read short).
-    fn changed(&self) -> &Notify;
+/// A follower of stream tails. Its set of streams changing is told to the reader through the
+/// `Notify` given to [`follow`] (one waiter: `notify_one` keeps the signal until it looks).
+pub(super) trait Tails: Send + Sync {
+    /// Most entries one read should return per stream (a read returns the most any of its
+    /// followers wants, for every stream it reads).
+    fn count(&self) -> usize;
 
     /// Every followed stream with where its next read starts (after that id); `None` while its
     /// start is not known yet.
@@ -34,82 +33,52 @@ pub(super) trait Tails: Send + Sync + 'static {
     /// A stream's start is known: its newest id when it began to be followed.
     fn started(&self, stream: &StreamName, newest: EntryId);
 
-    /// What one read found after a stream's cursor, in id order.
-    fn found(
-        &self,
-        backend: &AnyBackend,
-        stream: StreamName,
-        entries: Vec<Entry>,
-    ) -> impl Future<Output = Result<(), BackendError>> + Send;
+    /// What one read found for a followed stream, in id order, after the lowest cursor of the
+    /// stream's followers (so it may begin with ids this follower has seen), and the stream's
+    /// newest id as of that read.
+    fn found(&self, stream: &StreamName, entries: &[Entry], newest: EntryId);
 
     /// The backend answers again after failures (anything may have changed meanwhile).
     fn recovered(&self) {}
 }
 
-/// Follows `tails` until `shutdown` or until the follower is gone.
-pub(super) async fn follow<T: Tails>(
+/// Reads for `followers` until `shutdown` or until every one of them is gone.
+pub(super) async fn follow(
     backend: AnyBackend,
-    tails: Weak<T>,
+    followers: Vec<Weak<dyn Tails>>,
+    changed: Arc<Notify>,
     shutdown: CancellationToken,
 ) {
     let mut failures = 0u32;
     loop {
-        let Some(strong) = tails.upgrade() else {
+        let live: Vec<Arc<dyn Tails>> = followers.iter().filter_map(Weak::upgrade).collect();
+        if live.is_empty() {
             return;
+        }
+        // Armed before the followers are asked for their cursors, so a change made after that
+        // cuts the next read short.
+        let notified = changed.notified();
+        let interrupt = async {
+            tokio::select! {
+                _ = notified => {}
+                _ = shutdown.cancelled() => {}
+            }
         };
-        // Armed before the snapshot, so a change made after it cuts the next read short.
-        let changed = strong.changed().notified();
-        let cursors = strong.cursors();
-        let outcome = async {
-            let mut known = Vec::with_capacity(cursors.len());
-            let mut started = false;
-            for (stream, cursor) in cursors {
-                match cursor {
-                    Some(cursor) => known.push((stream, cursor)),
-                    None => {
-                        let newest = newest_id(&backend, &stream).await?;
-                        strong.started(&stream, newest);
-                        started = true;
-                    }
-                }
-            }
-            // Streams were started: look again before blocking (more may have been added).
-            if started {
-                return Ok(());
-            }
-            let interrupt = async {
-                tokio::select! {
-                    _ = changed => {}
-                    _ = shutdown.cancelled() => {}
-                }
-            };
-            if known.is_empty() {
-                interrupt.await;
-                return Ok(());
-            }
-            let found = backend
-                .read_after(&known, T::COUNT, Some(BLOCK), interrupt)
-                .await?;
-            for (stream, entries) in found {
-                strong.found(&backend, stream, entries).await?;
-            }
-            Ok::<(), BackendError>(())
-        };
-        let result = outcome.await;
+        let result = round(&backend, &live, interrupt).await;
         if shutdown.is_cancelled() {
             return;
         }
         match result {
             Ok(()) if failures > 0 => {
                 failures = 0;
-                strong.recovered();
+                live.iter().for_each(|follower| follower.recovered());
             }
             Ok(()) => {}
             Err(error) => {
-                drop(strong);
+                drop(live);
                 let delay = backoff_delay(failures);
                 failures = failures.saturating_add(1);
-                tracing::warn!(%error, ?delay, "{}: backend read failed, retrying", T::NAME);
+                tracing::warn!(%error, ?delay, "tail reader: backend read failed, retrying");
                 tokio::select! {
                     _ = tokio::time::sleep(delay) => {}
                     _ = shutdown.cancelled() => return,
@@ -117,4 +86,64 @@ pub(super) async fn follow<T: Tails>(
             }
         }
     }
+}
+
+/// One round: the streams a follower has just begun to follow are started, or else one blocking
+/// read over every followed stream, until it finds entries or `interrupt` cuts it short.
+async fn round(
+    backend: &AnyBackend,
+    followers: &[Arc<dyn Tails>],
+    interrupt: impl Future<Output = ()> + Send,
+) -> Result<(), BackendError> {
+    // Each stream read: the lowest cursor of its followers, and which followers they are.
+    let mut streams: HashMap<StreamName, (EntryId, Vec<&dyn Tails>)> = HashMap::new();
+    let mut count = 1;
+    let mut started = false;
+    for follower in followers {
+        for (stream, cursor) in follower.cursors() {
+            let Some(cursor) = cursor else {
+                let newest = newest_id(backend, &stream).await?;
+                follower.started(&stream, newest);
+                started = true;
+                continue;
+            };
+            count = count.max(follower.count());
+            let (lowest, following) = streams
+                .entry(stream)
+                .or_insert_with(|| (cursor, Vec::new()));
+            *lowest = (*lowest).min(cursor);
+            following.push(follower.as_ref());
+        }
+    }
+    // Streams were started: look again before blocking (more may have been added).
+    if started {
+        return Ok(());
+    }
+    if streams.is_empty() {
+        interrupt.await;
+        return Ok(());
+    }
+    let cursors: Vec<(StreamName, EntryId)> = streams
+        .iter()
+        .map(|(stream, (cursor, _))| (stream.clone(), *cursor))
+        .collect();
+    let found = backend
+        .read_after(&cursors, count, Some(BLOCK), interrupt)
+        .await?;
+    for (stream, entries) in found {
+        let (Some(last), Some((_, following))) = (entries.last(), streams.get(&stream)) else {
+            continue;
+        };
+        // A full read may have left entries behind: then the newest is read (one more round
+        // trip for a backlog, instead of one round per page for a follower that needs only it).
+        let newest = if entries.len() < count {
+            last.id
+        } else {
+            newest_id(backend, &stream).await?
+        };
+        for follower in following {
+            follower.found(&stream, &entries, newest);
+        }
+    }
+    Ok(())
 }

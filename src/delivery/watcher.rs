@@ -1,21 +1,18 @@
-//! Tells whoever asks when a stream grows, with one blocking read per instance for all watched
-//! streams. This is what keeps idle consumers free: no consumer polls; a consumer group on this
-//! instance reads only after the watcher says its stream has new entries (or on its own claim
-//! timer).
+//! Tells whoever asks when a stream grows, fed by the instance's one tail reader
+//! ([`super::tails`]). This is what keeps idle consumers free: no consumer polls; a consumer group
+//! on this instance reads only after the watcher says its stream has new entries (or on its own
+//! claim timer).
 //!
 //! Each watched stream has a tail: the newest entry id the watcher knows. Waiters hold a
 //! `watch::Receiver` of it and wake when it moves. After a wake-up the tail jumps to the stream's
-//! newest entry (one extra read), so a backlog costs one round, not one round per entry.
+//! newest entry, so a backlog costs one round, not one round per entry.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, Weak};
 
 use tokio::sync::{Notify, watch};
-use tokio_util::sync::CancellationToken;
 
-use super::newest_id;
-use super::tails::{self, Tails};
-use crate::backend::{AnyBackend, BackendError};
+use super::tails::Tails;
 use crate::model::{Entry, EntryId, StreamName};
 
 struct Watched {
@@ -28,9 +25,8 @@ struct Watched {
 
 struct Shared {
     streams: Mutex<HashMap<StreamName, Watched>>,
-    /// Wakes the watcher task when the set of streams changes (one waiter: `notify_one` keeps the
-    /// signal until it looks).
-    changed: Notify,
+    /// Wakes the tail reader when the set of streams changes.
+    changed: Arc<Notify>,
 }
 
 impl Shared {
@@ -72,14 +68,20 @@ impl Drop for TailWatch {
 }
 
 impl Watcher {
-    /// Starts the watcher task; it runs until `shutdown`.
-    pub fn start(backend: AnyBackend, shutdown: CancellationToken) -> Watcher {
-        let shared = Arc::new(Shared {
-            streams: Mutex::new(HashMap::new()),
-            changed: Notify::new(),
-        });
-        tokio::spawn(tails::follow(backend, Arc::downgrade(&shared), shutdown));
-        Watcher { shared }
+    /// A watcher that tells the tail reader of its changes through `changed`; it follows tails
+    /// once the reader is given [`Watcher::follower`].
+    pub(super) fn new(changed: Arc<Notify>) -> Watcher {
+        Watcher {
+            shared: Arc::new(Shared {
+                streams: Mutex::new(HashMap::new()),
+                changed,
+            }),
+        }
+    }
+
+    /// What the tail reader feeds.
+    pub(super) fn follower(&self) -> Weak<dyn Tails> {
+        Arc::downgrade(&self.shared) as Weak<dyn Tails>
     }
 
     /// Starts watching `stream`. The receiver changes whenever the stream may have grown
@@ -120,12 +122,9 @@ fn advance(shared: &Shared, stream: &StreamName, newest: EntryId, force: bool) {
 }
 
 impl Tails for Shared {
-    const NAME: &'static str = "stream watcher";
-    /// The watcher needs to know only that a stream grew: one entry, then its newest id.
-    const COUNT: usize = 1;
-
-    fn changed(&self) -> &Notify {
-        &self.changed
+    /// The watcher needs to know only that a stream grew, and its newest id.
+    fn count(&self) -> usize {
+        1
     }
 
     fn cursors(&self) -> Vec<(StreamName, Option<EntryId>)> {
@@ -145,16 +144,9 @@ impl Tails for Shared {
         advance(self, stream, newest, true);
     }
 
-    async fn found(
-        &self,
-        backend: &AnyBackend,
-        stream: StreamName,
-        _entries: Vec<Entry>,
-    ) -> Result<(), BackendError> {
-        // Jump to the newest entry: a backlog costs one round, not one per entry.
-        let newest = newest_id(backend, &stream).await?;
-        advance(self, &stream, newest, false);
-        Ok(())
+    fn found(&self, stream: &StreamName, _entries: &[Entry], newest: EntryId) {
+        // Straight to the newest entry: a backlog costs one round, not one per entry.
+        advance(self, stream, newest, false);
     }
 
     fn recovered(&self) {

@@ -770,6 +770,55 @@ async fn redis_each_stream_is_read_once_and_recent_resumes_need_no_read() {
     assert_eq!(after[1..], before[1..], "the resume needed no backend read");
 }
 
+/// Clients blocked in Redis right now (`INFO clients`).
+fn blocked_clients(redis: &RedisServer) -> u64 {
+    let info: String = redis.cmd(&["INFO", "clients"]);
+    info.lines()
+        .find_map(|line| line.strip_prefix("blocked_clients:"))
+        .and_then(|count| count.trim().parse().ok())
+        .expect("blocked_clients in INFO clients")
+}
+
+/// Waits until exactly one client is blocked in Redis, and says how many there were last.
+async fn settles_on_one_blocked_client(redis: &RedisServer) -> u64 {
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let blocked = blocked_clients(redis);
+        if blocked == 1 || Instant::now() > deadline {
+            return blocked;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A group consumer and broadcast subscribers, on a stream they share and on one of their own:
+/// the instance's one tail reader follows them all with a single blocking read, and each gets
+/// what it should.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_groups_and_subscribers_share_one_blocking_read() {
+    let Some(app) = TestApp::on_redis("").await else {
+        return;
+    };
+    let mut consumer = app.consume("jobs", "workers", "").await;
+    let mut jobs = app.subscribe("/api/streams/jobs/events", &[]).await;
+    let mut news = app.subscribe("/api/streams/news/events", &[]).await;
+    let redis = app.redis();
+    assert_eq!(settles_on_one_blocked_client(redis).await, 1);
+    for n in 0..3 {
+        app.publish("jobs", json!(format!("job {n}"))).await;
+        app.publish("news", json!(format!("news {n}"))).await;
+    }
+    let expected = |kind: &str| {
+        (0..3)
+            .map(|n| json!(format!("{kind} {n}")))
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(bodies(&consumer.events(3, WAIT).await), expected("job"));
+    assert_eq!(bodies(&jobs.events(3, WAIT).await), expected("job"));
+    assert_eq!(bodies(&news.events(3, WAIT).await), expected("news"));
+    assert_eq!(settles_on_one_blocked_client(redis).await, 1);
+}
+
 async fn a_reader_that_falls_behind_retention_is_told_so(app: TestApp) {
     let mut stalled = app.subscribe("/api/streams/torrent/events", &[]).await;
     // Far more than the socket buffers and the live channel hold, in a stream kept to ~100.
