@@ -1226,18 +1226,16 @@ async fn consume_group(server: &Server, stream: &str) -> (usize, f64) {
                 let mut finisher = Connection::open(&address).await;
                 let finish_path =
                     format!("/api/streams/{stream}/groups/g/consumers/c{index}/finish");
-                let (mut ids, mut line) = (Vec::new(), Vec::new());
+                let (mut ids, mut chunk) = (Vec::new(), Vec::new());
                 loop {
-                    line.clear();
-                    let n = tokio::io::AsyncBufReadExt::read_until(&mut reader, b'\n', &mut line)
-                        .await
-                        .expect("read");
-                    assert!(n > 0, "the event stream ended");
-                    if let Some(id) = line.strip_prefix(b"id: ") {
-                        ids.push(format!("\"{}\"", String::from_utf8_lossy(id).trim()));
+                    read_chunk(&mut reader, &mut chunk).await;
+                    for line in chunk.split(|&byte| byte == b'\n') {
+                        if let Some(id) = line.strip_prefix(b"id: ") {
+                            ids.push(format!("\"{}\"", String::from_utf8_lossy(id).trim()));
+                        }
                     }
                     // Finish what has arrived once nothing more is waiting in the buffer.
-                    if line == b"\n" && !ids.is_empty() && reader.buffer().is_empty() {
+                    if !ids.is_empty() && reader.buffer().is_empty() {
                         let body = format!(r#"{{"message_ids":[{}]}}"#, ids.join(","));
                         let (status, reply) =
                             finisher.call(&post(&finish_path, "bench", &body, &auth())).await;
@@ -1262,6 +1260,25 @@ async fn consume_group(server: &Server, stream: &str) -> (usize, f64) {
     }
     let done = finished.load(std::sync::atomic::Ordering::Relaxed);
     (done, done as f64 / elapsed.as_secs_f64())
+}
+
+/// Reads the next chunk of a chunked HTTP/1.1 body (an SSE stream's) into `chunk`; panics at the
+/// body's end.
+async fn read_chunk(reader: &mut (impl tokio::io::AsyncBufRead + Unpin), chunk: &mut Vec<u8>) {
+    use tokio::io::AsyncBufReadExt as _;
+
+    let mut size = Vec::new();
+    let n = reader.read_until(b'\n', &mut size).await.expect("read");
+    assert!(n > 0, "the event stream ended");
+    let size = std::str::from_utf8(&size)
+        .ok()
+        .and_then(|size| usize::from_str_radix(size.trim(), 16).ok())
+        .unwrap_or_else(|| panic!("not a chunked body: {}", String::from_utf8_lossy(&size)));
+    assert!(size > 0, "the event stream ended");
+    chunk.resize(size + 2, 0);
+    reader.read_exact(chunk).await.expect("read a chunk");
+    assert!(chunk.ends_with(b"\r\n"), "a chunk ends with CRLF");
+    chunk.truncate(size);
 }
 
 /// A streamgate on the local Redis Cluster `cluster` (every node a seed), with `env` settings.
