@@ -22,8 +22,18 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 use crate::delivery::EndReason;
 
-/// The comment sent when nothing else has been sent for a keep-alive interval.
-pub const KEEPALIVE: &[u8] = b": keepalive\n\n";
+/// The comment sent when nothing else has been sent for a keep-alive interval. A comment line
+/// alone, without the blank line that ends an event: a block with no `data` dispatches nothing
+/// in a browser, but common SSE clients (Python `httpx-sse`, Go `r3labs/sse`) yield it as an
+/// empty event, which their users then fail to parse. The line becomes part of the next event's
+/// block, where every client ignores it.
+const KEEPALIVE: &[u8] = b": keepalive\n";
+
+/// What every SSE response starts with. `retry:` asks browsers to reconnect after one second
+/// (their default is three); like the keep-alive, it is not followed by a blank line (a client
+/// applies `retry` as it reads the line, and a block of its own would be an empty event to the
+/// clients above).
+const OPENING: &[u8] = b": connected\nretry: 1000\n";
 
 /// Appends `field: value` lines; a value with line breaks becomes several lines of the same
 /// field (SSE joins them with `\n`, so JSON stays valid: line breaks in JSON text are only ever
@@ -147,10 +157,7 @@ impl<G: Unpin> Stream for EventStream<G> {
         }
         if !this.started {
             this.started = true;
-            // `retry:` asks browsers to reconnect after one second (their default is three).
-            return Poll::Ready(Some(Ok(Bytes::from_static(
-                b": connected\nretry: 1000\n\n",
-            ))));
+            return Poll::Ready(Some(Ok(Bytes::from_static(OPENING))));
         }
         // In this order: an end wins over events, and a keep-alive is sent only when nothing
         // else is.

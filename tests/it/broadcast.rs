@@ -7,8 +7,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 
-use crate::helpers::browser::BrowserRun;
 use crate::helpers::process::Process;
+use crate::helpers::scripts::ScriptRun;
 use crate::helpers::sse::{Event, SseClient};
 use crate::helpers::{RedisServer, TOKEN, TestApp, json, problem};
 
@@ -630,7 +630,7 @@ async fn redis_bridge_resubscribes_after_a_redis_restart() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_a_browser_resumes_by_itself_across_a_restart() {
-    if !crate::helpers::browser::available() {
+    if !crate::helpers::scripts::available() {
         return;
     }
     let Some(redis) = RedisServer::start() else {
@@ -656,7 +656,7 @@ async fn redis_a_browser_resumes_by_itself_across_a_restart() {
     const TOTAL: usize = 60;
     let path = format!("/api/streams/browser/events?from=0&token={TOKEN}");
     let total = TOTAL.to_string();
-    let mut browser = BrowserRun::start("eventsource.mjs", &[&origin, &path, &total, "40000"]);
+    let mut browser = ScriptRun::start("eventsource.mjs", &[&origin, &path, &total, "40000"]);
     browser.ready(Duration::from_secs(60)).await;
 
     // Messages go straight into Redis, so publishing goes on while streamgate is down.

@@ -12,7 +12,7 @@ use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 
-use crate::helpers::browser::BrowserRun;
+use crate::helpers::scripts::ScriptRun;
 use crate::helpers::sse::SseClient;
 use crate::helpers::{TOKEN, TestApp, json};
 
@@ -188,12 +188,12 @@ async fn https_offers_http2_by_alpn_and_still_serves_http1() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_browser_page_receives_on_ten_event_sources_over_http2() {
-    if !crate::helpers::browser::available() {
+    if !crate::helpers::scripts::available() {
         return;
     }
     let (app, _dir) = on_tls().await;
     let origin = format!("https://localhost:{}", app.address.port());
-    let mut browser = BrowserRun::start("eventsources.mjs", &[&origin, TOKEN, "10", "30000"]);
+    let mut browser = ScriptRun::start("eventsources.mjs", &[&origin, TOKEN, "10", "30000"]);
     browser.ready(Duration::from_secs(60)).await;
     for n in 0..10 {
         app.publish(&format!("page-{n}"), json!({ "source": n }))

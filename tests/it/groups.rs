@@ -568,6 +568,10 @@ async fn headers_arrive_before_any_message_and_keepalives_follow(app: TestApp) {
         comments.iter().any(|comment| comment == "keepalive"),
         "{comments:?}"
     );
+    // Neither the opening `retry:` nor a keep-alive ends a block without data: common clients
+    // other than browsers would yield it as an empty event.
+    assert_eq!(client.retry, Some(1000));
+    assert_eq!(client.empty_blocks, 0);
     let health = json(app.get("/health").await).await;
     assert_eq!(health["connections"]["sse"], 1);
 }

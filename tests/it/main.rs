@@ -55,4 +55,5 @@ mod openapi;
 mod ops;
 mod produce;
 mod seed004;
+mod sse_clients;
 mod storage;

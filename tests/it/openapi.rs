@@ -4,12 +4,12 @@
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
 use std::time::Duration;
 
 use reqwest::Method;
 use serde_json::Value;
 
+use crate::helpers::scripts::python_venv;
 use crate::helpers::{TOKEN, TestApp, json};
 
 on_each_backend!(schemathesis_finds_nothing_the_document_does_not_allow);
@@ -217,44 +217,8 @@ const SEED: &str = "20261123";
 
 /// The `st` program: `target/schemathesis/bin/st`, installed on first use.
 fn schemathesis() -> Option<PathBuf> {
-    static INSTALL: Mutex<()> = Mutex::new(());
-    let _one_at_a_time = INSTALL.lock().unwrap_or_else(|poison| poison.into_inner());
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/schemathesis");
-    let st = venv.join("bin/st");
-    if st.exists() {
-        return Some(st);
-    }
-    let run = |program: &Path, args: &[&str]| {
-        std::process::Command::new(program)
-            .args(args)
-            .output()
-            .map_err(|error| error.to_string())
-            .and_then(|output| match output.status.success() {
-                true => Ok(()),
-                false => Err(String::from_utf8_lossy(&output.stderr).into_owned()),
-            })
-    };
-    let installed = run(
-        Path::new("python3"),
-        &["-m", "venv", venv.to_str().unwrap()],
-    )
-    .and_then(|()| run(&venv.join("bin/pip"), &["install", "-q", SCHEMATHESIS]));
-    match installed {
-        Ok(()) => Some(st),
-        Err(error) => {
-            let _ = std::fs::remove_dir_all(&venv);
-            if std::env::var_os(REQUIRE_SCHEMATHESIS).is_some() {
-                panic!(
-                    "{REQUIRE_SCHEMATHESIS} is set but Schemathesis cannot be installed: {error}"
-                );
-            }
-            eprintln!(
-                "\n!!! SKIPPING the Schemathesis test: installing {SCHEMATHESIS} into a \
-                 virtualenv failed (needs python3 with venv and PyPI):\n{error}\n"
-            );
-            None
-        }
-    }
+    python_venv("schemathesis", &[SCHEMATHESIS], REQUIRE_SCHEMATHESIS)
+        .map(|venv| venv.join("bin/st"))
 }
 
 async fn schemathesis_finds_nothing_the_document_does_not_allow(app: TestApp) {

@@ -1,11 +1,11 @@
 //! Test helpers: a streamgate per test on port 0 (in-process, or the real binary as a child
 //! process), its own `redis-server`, and an HTTP client that talks to it over real HTTP.
 
-pub mod browser;
 pub mod gateway;
 pub mod process;
 pub mod redis_cluster;
 pub mod redis_server;
+pub mod scripts;
 pub mod sse;
 
 use std::net::SocketAddr;

@@ -23,6 +23,14 @@ impl Event {
     }
 }
 
+/// The fields of an event read so far.
+#[derive(Default)]
+struct Block {
+    event: Option<String>,
+    id: Option<String>,
+    data: Option<String>,
+}
+
 pub struct SseClient {
     pub status: u16,
     pub headers: HeaderMap,
@@ -30,6 +38,12 @@ pub struct SseClient {
     buffer: BytesMut,
     /// Comment lines seen so far (`: keepalive`, …), without the colon.
     pub comments: Vec<String>,
+    /// The last `retry:` (milliseconds) seen.
+    pub retry: Option<u64>,
+    /// Blocks ended by a blank line without any `data` so far.
+    pub empty_blocks: usize,
+    /// The event being read.
+    block: Block,
     ended: bool,
     /// The stream ended with an error (a cut connection), not with the body's clean end.
     pub cut: bool,
@@ -49,6 +63,9 @@ impl SseClient {
             body: response.bytes_stream().boxed(),
             buffer: BytesMut::new(),
             comments: Vec::new(),
+            retry: None,
+            empty_blocks: 0,
+            block: Block::default(),
             ended: false,
             cut: false,
         }
@@ -63,19 +80,30 @@ impl SseClient {
         self.headers.get(name).and_then(|value| value.to_str().ok())
     }
 
-    /// Parses one complete frame out of the buffer, if there is one.
-    fn parse_frame(&mut self) -> Option<Option<Event>> {
-        let text = std::str::from_utf8(&self.buffer).ok()?;
-        let end = text.find("\n\n")?;
-        let frame = text[..end].to_owned();
-        let _ = self.buffer.split_to(end + 2);
-        let mut event = Event {
-            event: None,
-            id: None,
-            data: String::new(),
-        };
-        let mut has_data = false;
-        for line in frame.lines() {
+    /// Reads the complete lines in the buffer as a browser does, up to the next event: a
+    /// comment is noted as it is read, a blank line ends a block, and a block is an event only
+    /// when it has `data` (one without is counted in `empty_blocks`: common clients other than
+    /// browsers yield it as an empty event).
+    fn parse_event(&mut self) -> Option<Event> {
+        loop {
+            let newline = self.buffer.iter().position(|&byte| byte == b'\n')?;
+            let line = self.buffer.split_to(newline + 1);
+            let line = std::str::from_utf8(&line[..newline]).expect("SSE is UTF-8");
+            let line = line.strip_suffix('\r').unwrap_or(line);
+            if line.is_empty() {
+                let block = std::mem::take(&mut self.block);
+                match block.data {
+                    Some(data) => {
+                        return Some(Event {
+                            event: block.event,
+                            id: block.id,
+                            data,
+                        });
+                    }
+                    None => self.empty_blocks += 1,
+                }
+                continue;
+            }
             if let Some(comment) = line.strip_prefix(':') {
                 self.comments.push(comment.trim().to_owned());
                 continue;
@@ -83,29 +111,27 @@ impl SseClient {
             let (field, value) = line.split_once(':').unwrap_or((line, ""));
             let value = value.strip_prefix(' ').unwrap_or(value);
             match field {
-                "event" => event.event = Some(value.to_owned()),
-                "id" => event.id = Some(value.to_owned()),
-                "data" => {
-                    if has_data {
-                        event.data.push('\n');
+                "event" => self.block.event = Some(value.to_owned()),
+                "id" => self.block.id = Some(value.to_owned()),
+                "retry" => self.retry = value.parse().ok(),
+                "data" => match &mut self.block.data {
+                    Some(data) => {
+                        data.push('\n');
+                        data.push_str(value);
                     }
-                    event.data.push_str(value);
-                    has_data = true;
-                }
+                    None => self.block.data = Some(value.to_owned()),
+                },
                 _ => {}
             }
         }
-        Some(has_data.then_some(event))
     }
 
     /// The next event within `timeout`; `None` on timeout or when the stream ends.
     pub async fn next_event(&mut self, timeout: Duration) -> Option<Event> {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
-            while let Some(frame) = self.parse_frame() {
-                if let Some(event) = frame {
-                    return Some(event);
-                }
+            if let Some(event) = self.parse_event() {
+                return Some(event);
             }
             if self.ended {
                 return None;
