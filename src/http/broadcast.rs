@@ -55,6 +55,7 @@ async fn stream_events(
     headers: HeaderMap,
     query: QueryPairs,
 ) -> Result<Response, ApiError> {
+    query.accept_only(&["from", "lastEventId"])?;
     serve(state, caller, stream, &headers, &query).await
 }
 
@@ -81,6 +82,7 @@ async fn channel_events(
     headers: HeaderMap,
     query: QueryPairs,
 ) -> Result<Response, ApiError> {
+    query.accept_only(&["channel_id", "from", "lastEventId"])?;
     let channel = query
         .one("channel_id")?
         .filter(|channel| !channel.is_empty())

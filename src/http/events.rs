@@ -64,6 +64,16 @@ async fn events(
     headers: HeaderMap,
     query: QueryPairs,
 ) -> Result<Response, ApiError> {
+    query.accept_only(&[
+        "stream",
+        "streams",
+        "group",
+        "consumer",
+        "limit",
+        "mode",
+        "from",
+        "lastEventId",
+    ])?;
     let listed = query.all("streams").flat_map(|list| list.split(','));
     let streams: Vec<String> = query
         .all("stream")

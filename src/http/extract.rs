@@ -145,6 +145,25 @@ impl<S: Send + Sync> FromRequestParts<S> for QueryPairs {
 }
 
 impl QueryPairs {
+    /// A 400 naming the first parameter that is neither in `accepted` (the route's, as its
+    /// OpenAPI operation lists them) nor a token parameter: a typo (`grop=`) must not silently
+    /// change what a request does.
+    pub fn accept_only(&self, accepted: &[&str]) -> Result<(), ApiError> {
+        let unknown = self.0.iter().map(|(name, _)| name.as_str()).find(|name| {
+            !accepted.contains(name) && !super::auth::QUERY_TOKEN_PARAMETERS.contains(name)
+        });
+        match unknown {
+            None => Ok(()),
+            Some(name) => Err(ApiError::BadRequest(format!(
+                "unknown query parameter `{name}` (this route takes {}a token)",
+                accepted
+                    .iter()
+                    .map(|name| format!("`{name}`, "))
+                    .collect::<String>()
+            ))),
+        }
+    }
+
     /// The value of a parameter given at most once.
     pub fn one<'a>(&'a self, name: &'a str) -> Result<Option<&'a str>, ApiError> {
         let mut values = self.all(name);

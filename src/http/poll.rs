@@ -121,6 +121,7 @@ async fn poll(
     caller: Caller,
     query: QueryPairs,
 ) -> Result<Json<PollReply>, ApiError> {
+    query.accept_only(&["topics", "group", "client_id", "cursor", "timeout", "max"])?;
     let timeout = query
         .parsed("timeout", |text| text.parse::<u64>().ok())?
         .unwrap_or(DEFAULT_TIMEOUT_SECS)

@@ -16,6 +16,7 @@ use axum::response::Response;
 use bytes::Bytes;
 use futures_util::stream::BoxStream;
 use futures_util::{SinkExt, StreamExt};
+use serde::de::IgnoredAny;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use tokio_stream::StreamMap;
@@ -26,6 +27,7 @@ use super::AppState;
 use super::auth::Caller;
 use super::consume::{self, ConsumeRequest, Delivery, Kind, MAX_STREAMS, Opened, Words};
 use super::error::ApiError;
+use super::extract::QueryPairs;
 use super::message_id::MessageRef;
 use super::openapi::{Conflicting, Guarded, Invalid};
 use super::poll::{acknowledge, decode_all};
@@ -71,8 +73,11 @@ pub fn router() -> OpenApiRouter<AppState> {
 async fn upgrade(
     State(state): State<AppState>,
     caller: Caller,
+    query: QueryPairs,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, ApiError> {
+    // What to consume comes in frames; the query carries at most a token.
+    query.accept_only(&[])?;
     let upgrade = upgrade.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
     // The drain waits for every session, as for any connection.
     let tracked = state.sessions.token();
@@ -253,14 +258,23 @@ impl<'a> ClientFrame<'a> {
             FrameKind::Unsubscribe => serde_json::from_slice(bytes).map(ClientFrame::Unsubscribe),
             FrameKind::Ack => serde_json::from_slice(bytes).map(ClientFrame::Ack),
             FrameKind::Publish => serde_json::from_slice(bytes).map(ClientFrame::Publish),
-            FrameKind::Ping => Ok(ClientFrame::Ping),
+            FrameKind::Ping => serde_json::from_slice::<Ping>(bytes).map(|_| ClientFrame::Ping),
             FrameKind::Unknown => return None,
         })
     }
 }
 
+// Each kind refuses fields it does not know, naming them (a typo such as `grop` must not turn a
+// group consumer into a broadcast subscriber); so each declares the envelope's `type` and `ref`
+// too, read already.
+
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Subscribe {
+    #[serde(rename = "type", default)]
+    _kind: IgnoredAny,
+    #[serde(rename = "ref", default)]
+    _reference: IgnoredAny,
     topics: Vec<String>,
     group: Option<String>,
     client_id: Option<String>,
@@ -270,23 +284,47 @@ struct Subscribe {
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Unsubscribe {
+    #[serde(rename = "type", default)]
+    _kind: IgnoredAny,
+    #[serde(rename = "ref", default)]
+    _reference: IgnoredAny,
     topics: Vec<String>,
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Ack {
+    #[serde(rename = "type", default)]
+    _kind: IgnoredAny,
+    #[serde(rename = "ref", default)]
+    _reference: IgnoredAny,
     message_id: Option<String>,
     message_ids: Option<Vec<String>>,
 }
 
 #[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
 struct Publish<'a> {
+    #[serde(rename = "type", default)]
+    _kind: IgnoredAny,
+    #[serde(rename = "ref", default)]
+    _reference: IgnoredAny,
     topic: String,
     /// Borrowed from the frame's bytes: stored exactly as received.
     #[serde(borrow)]
     payload: &'a RawValue,
     ttl: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Ping {
+    #[serde(rename = "type", default)]
+    _kind: IgnoredAny,
+    #[serde(rename = "ref", default)]
+    _reference: IgnoredAny,
 }
 
 /// Handles one client frame; returns the replies.

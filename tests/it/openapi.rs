@@ -273,3 +273,63 @@ async fn schemathesis_finds_nothing_the_document_does_not_allow(app: TestApp) {
     );
     eprintln!("schemathesis: {generated} cases, no failures (seed {seed})");
 }
+
+/// The consume routes take exactly the query parameters their operations list (and a token): a
+/// listed one is never refused as unknown, and any other is a 400 naming it, so that a typo
+/// (`grop=g`) cannot silently make a group consumer a broadcast subscriber.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn consume_routes_take_exactly_their_documented_query_parameters() {
+    let app = TestApp::on_embedded("").await;
+    let document = document(&app).await;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(2))
+        .build()
+        .unwrap();
+    let mut checked = 0;
+    for (method, path) in operations(&document) {
+        let operation = &document["paths"][&path][method.to_lowercase()];
+        if method != "GET" || operation["tags"][0] != "consume" {
+            continue;
+        }
+        let url = app.url(&path.replace("{stream}", "typos"));
+        let listed: Vec<&str> = operation["parameters"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|parameter| parameter["in"] == "query")
+            .map(|parameter| parameter["name"].as_str().unwrap())
+            .collect();
+        for name in &listed {
+            // Whatever a junk value makes of it, the name itself is known.
+            let reply = client
+                .get(format!("{url}?{name}=x&token={TOKEN}"))
+                .send()
+                .await;
+            if let Some(reply) = reply.ok().filter(|reply| reply.status() == 400) {
+                let problem: Value = reply.json().await.unwrap();
+                assert!(
+                    !problem["detail"].as_str().unwrap().contains("unknown"),
+                    "GET {path} lists `{name}` but refuses it: {problem}"
+                );
+            }
+        }
+        for typo in ["grop", "Stream", "limitt"] {
+            let reply = client
+                .get(format!("{url}?{typo}=x&token={TOKEN}"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(reply.status(), 400, "GET {path}?{typo}=x");
+            let problem: Value = reply.json().await.unwrap();
+            assert!(
+                problem["detail"]
+                    .as_str()
+                    .unwrap()
+                    .contains(&format!("unknown query parameter `{typo}`")),
+                "GET {path}: {problem}"
+            );
+        }
+        checked += 1;
+    }
+    assert!(checked >= 4, "only {checked} consume routes");
+}

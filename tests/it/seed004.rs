@@ -331,6 +331,47 @@ async fn websocket_garbage_gets_errors_and_the_socket_stays_usable(app: TestApp)
         );
         assert!(reply["message"].is_string());
     }
+    // A field a frame does not know is refused by name, not ignored: `grop` would otherwise make
+    // a group consumer a broadcast subscriber, `tll` a message that never expires.
+    for (frame, unknown) in [
+        (r#"{"type":"subscribe","topics":["t"],"grop":"g"}"#, "grop"),
+        (
+            r#"{"type":"subscribe","topics":["t"],"group":"g","clientId":"c"}"#,
+            "clientId",
+        ),
+        (
+            r#"{"type":"publish","topic":"t","payload":1,"tll":5,"ref":1}"#,
+            "tll",
+        ),
+        (
+            r#"{"type":"ack","message_id":"x","messageId":"y"}"#,
+            "messageId",
+        ),
+        (
+            r#"{"type":"unsubscribe","topics":["t"],"topic":"t"}"#,
+            "topic",
+        ),
+        (r#"{"type":"ping","pong":true}"#, "pong"),
+    ] {
+        ws.0.send(Message::text(frame)).await.unwrap();
+        let reply = ws.expect().await;
+        assert_eq!(reply["code"], "invalid_frame", "{frame}: {reply}");
+        let message = reply["message"].as_str().unwrap();
+        assert!(
+            message.contains(&format!("unknown field `{unknown}`")),
+            "{message}"
+        );
+    }
+    // Refused frames changed nothing: no subscription (this message reaches no one here), and
+    // the stream holds only it.
+    app.publish("t", json!("after")).await;
+    assert_eq!(ws.next(Duration::from_millis(300)).await, None);
+    let history = json(app.get("/api/streams/t/messages").await).await;
+    assert_eq!(
+        history["messages"].as_array().unwrap().len(),
+        1,
+        "{history}"
+    );
     ws.0.send(Message::binary(vec![1, 2, 3])).await.unwrap();
     assert_eq!(ws.expect().await["code"], "unsupported");
     assert_eq!(
