@@ -80,7 +80,7 @@ fn copy_between(args: &CopyArgs) -> ExitCode {
             }
         }
         Err(error) => {
-            eprintln!("streamgate copy: {error:#}");
+            eprintln!("streamgate copy: {}", causes(&error));
             ExitCode::FAILURE
         }
     }
@@ -112,11 +112,28 @@ fn serve(config: Config) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            tracing::error!("{error:#}");
-            eprintln!("streamgate: {error:#}");
+            // Once, on the log (standard error, like every log line).
+            tracing::error!("{}", causes(&error));
             ExitCode::FAILURE
         }
     }
+}
+
+/// An error and its causes on one line, each cause once: a cause that an error's own message
+/// already quotes (as Redis client errors do) is not repeated.
+fn causes(error: &anyhow::Error) -> String {
+    let mut line = String::new();
+    for cause in error.chain() {
+        let message = cause.to_string();
+        if line.contains(&message) {
+            continue;
+        }
+        if !line.is_empty() {
+            line.push_str(": ");
+        }
+        line.push_str(&message);
+    }
+    line
 }
 
 /// Cancels `shutdown` on SIGINT or SIGTERM; a second signal exits at once.

@@ -346,6 +346,12 @@ pub fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
+/// A duration in milliseconds to the microsecond, as reported in JSON (`0.069`, not the
+/// `0.06917899999999999` a plain conversion prints).
+pub fn millis(elapsed: std::time::Duration) -> f64 {
+    (elapsed.as_secs_f64() * 1e6).round() / 1e3
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -189,7 +189,7 @@ impl Probe {
             round_trip_ms: result
                 .as_ref()
                 .ok()
-                .map(|elapsed| elapsed.as_secs_f64() * 1000.0),
+                .map(|elapsed| crate::model::millis(*elapsed)),
             error: result.as_ref().err().cloned(),
             finished: Instant::now(),
         };

@@ -382,6 +382,21 @@ pub struct TlsConfig {
 pub const IDEMPOTENCY_TTL: Duration = Duration::from_secs(24 * 60 * 60);
 
 impl Config {
+    /// Whether `value` is a configured credential (the bearer token, a static token, the JWT
+    /// secret): what must never reach a log line, wherever it appears.
+    pub fn is_secret(&self, value: &str) -> bool {
+        let digest = crate::auth::token_digest(value);
+        self.bearer_token
+            .as_ref()
+            .is_some_and(|token| token.expose() == value)
+            || self.tokens.iter().any(|token| token.sha256 == digest)
+            || self
+                .jwt
+                .as_ref()
+                .and_then(|jwt| jwt.hs256_secret.as_ref())
+                .is_some_and(|secret| secret.expose() == value)
+    }
+
     /// Reads and validates the configuration from `sources`. The error lists every problem.
     pub fn load(sources: &Sources) -> Result<Config, ConfigError> {
         let layered = sources

@@ -252,7 +252,7 @@ async fn detailed(State(state): State<AppState>) -> Response {
             round_trip_ms: check
                 .as_ref()
                 .ok()
-                .map(|elapsed| elapsed.as_secs_f64() * 1000.0),
+                .map(|elapsed| crate::model::millis(*elapsed)),
             error: check.err(),
         },
         connections: Connections {

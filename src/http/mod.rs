@@ -231,10 +231,7 @@ pub fn router(state: AppState) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         // Bodies are read by `extract::LimitedBody` against the configured limit.
         .layer(DefaultBodyLimit::disable())
-        .layer(middleware::from_fn_with_state(
-            state.metrics.clone(),
-            correlate,
-        ));
+        .layer(middleware::from_fn_with_state(state.clone(), correlate));
     let router = match cors(&state.config.cors.allowed_origins) {
         Some(cors) => router.layer(cors),
         None => router,
@@ -296,11 +293,16 @@ fn correlation_id(request: &Request) -> String {
         .unwrap_or_else(|| hex::encode(rand::random::<[u8; 12]>()))
 }
 
-/// The query string with token parameters redacted, for logging.
-fn loggable_query(uri: &Uri) -> String {
+/// The query string for logging, redacted: token parameters, whatever the case of their names
+/// (`?Token=` is no token to the server, but is one to whoever reads the log), and any value that
+/// is a configured credential, whatever its name.
+fn loggable_query(uri: &Uri, config: &Config) -> String {
     form_urlencoded::parse(uri.query().unwrap_or_default().as_bytes())
         .map(|(name, value)| {
-            if auth::QUERY_TOKEN_PARAMETERS.contains(&name.as_ref()) {
+            let token_name = auth::QUERY_TOKEN_PARAMETERS
+                .iter()
+                .any(|token| name.eq_ignore_ascii_case(token));
+            if token_name || config.is_secret(&value) {
                 format!("{name}=<redacted>")
             } else {
                 format!("{name}={value}")
@@ -312,7 +314,7 @@ fn loggable_query(uri: &Uri) -> String {
 
 /// Gives every request a correlation id (echoed in `X-Correlation-ID`, put in problem bodies
 /// and on every log line through the request span) and logs its outcome.
-async fn correlate(State(metrics): State<Arc<Metrics>>, request: Request, next: Next) -> Response {
+async fn correlate(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let id = correlation_id(&request);
     let route = request
         .extensions()
@@ -328,7 +330,7 @@ async fn correlate(State(metrics): State<Arc<Metrics>>, request: Request, next: 
         query = tracing::field::Empty,
     );
     if request.uri().query().is_some() {
-        span.record("query", loggable_query(request.uri()));
+        span.record("query", loggable_query(request.uri(), &state.config));
     }
     let quiet = is_probe(request.uri().path());
     let started = Instant::now();
@@ -348,9 +350,9 @@ async fn correlate(State(metrics): State<Arc<Metrics>>, request: Request, next: 
     }
     let status = response.status().as_u16();
     let elapsed = started.elapsed().as_secs_f64();
-    metrics.request(&route, &method, status, elapsed);
+    state.metrics.request(&route, &method, status, elapsed);
     if let Some(BackendFailure(kind)) = response.extensions().get::<BackendFailure>() {
-        metrics.backend_error(kind);
+        state.metrics.backend_error(kind);
     }
     let elapsed_ms = elapsed * 1000.0;
     span.in_scope(|| {

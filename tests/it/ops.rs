@@ -511,6 +511,12 @@ async fn the_probe_runs_on_schedule_and_on_demand(app: TestApp) {
     assert_eq!(body["status"], "ok");
     let round_trip = body["round_trip_ms"].as_f64().unwrap();
     assert!(round_trip > 0.0 && round_trip < 5000.0, "{body}");
+    let decimals = body["round_trip_ms"]
+        .to_string()
+        .split('.')
+        .nth(1)
+        .map_or(0, str::len);
+    assert!(decimals <= 3, "milliseconds to the microsecond: {body}");
     // One per second.
     let again = app
         .request(reqwest::Method::POST, "/trigger-test-event")
