@@ -244,23 +244,26 @@ impl Entry {
         match self.field(DATA_FIELD) {
             Some(data) if is_valid_json(data) => data.clone(),
             Some(data) => Bytes::from(json_string(data)),
-            None => Bytes::from(self.fields_as_json_object()),
+            None => Bytes::from(json_object(self.fields.iter())),
         }
     }
 
     /// Fields beside the body, when the body is the `data` field: the extra fields of entries
     /// written by other clients, or a dead letter's `original_id`, `stream`, `group` and
-    /// `deliveries`. streamgate's own `exp` is left out. Empty when there is no `data` field (the
+    /// `deliveries`. streamgate's own `exp` is left out. None when there is no `data` field (the
     /// field map is then the body itself).
+    fn extras(&self) -> impl Iterator<Item = &(Bytes, Bytes)> {
+        let has_data = self.field(DATA_FIELD).is_some();
+        self.fields.iter().filter(move |(key, _)| {
+            has_data
+                && key.as_ref() != DATA_FIELD.as_bytes()
+                && key.as_ref() != EXPIRES_FIELD.as_bytes()
+        })
+    }
+
+    /// The extra fields (see [`Entry::extras`]) as text.
     pub fn extra_fields(&self) -> Vec<(String, String)> {
-        if self.field(DATA_FIELD).is_none() {
-            return Vec::new();
-        }
-        self.fields
-            .iter()
-            .filter(|(key, _)| {
-                key.as_ref() != DATA_FIELD.as_bytes() && key.as_ref() != EXPIRES_FIELD.as_bytes()
-            })
+        self.extras()
             .map(|(key, value)| {
                 (
                     String::from_utf8_lossy(key).into_owned(),
@@ -270,26 +273,29 @@ impl Entry {
             .collect()
     }
 
-    fn fields_as_json_object(&self) -> Vec<u8> {
-        let mut out = Vec::with_capacity(
-            2 + self
-                .fields
-                .iter()
-                .map(|(k, v)| k.len() + v.len() + 6)
-                .sum::<usize>(),
-        );
-        out.push(b'{');
-        for (index, (key, value)) in self.fields.iter().enumerate() {
-            if index > 0 {
-                out.push(b',');
-            }
-            out.extend_from_slice(&json_string(key));
-            out.push(b':');
-            out.extend_from_slice(&json_string(value));
-        }
-        out.push(b'}');
-        out
+    /// The extra fields as one JSON object of strings, as every transport shows them beside the
+    /// body (`"fields":{…}`); `None` when there are none, as for every message published through
+    /// streamgate.
+    pub fn extra_fields_json(&self) -> Option<Vec<u8>> {
+        let mut extras = self.extras().peekable();
+        extras.peek()?;
+        Some(json_object(extras))
     }
+}
+
+/// `fields` as one JSON object of strings.
+fn json_object<'a>(fields: impl Iterator<Item = &'a (Bytes, Bytes)>) -> Vec<u8> {
+    let mut out = vec![b'{'];
+    for (index, (key, value)) in fields.enumerate() {
+        if index > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(&json_string(key));
+        out.push(b':');
+        out.extend_from_slice(&json_string(value));
+    }
+    out.push(b'}');
+    out
 }
 
 /// Whether `bytes` is one complete JSON value.

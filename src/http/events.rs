@@ -20,7 +20,7 @@ use super::sse::{self, json_string};
 use crate::delivery::groups::GroupMessage;
 use crate::delivery::hub::Frame;
 use crate::metrics;
-use crate::model::{ConsumerName, EntryId, GroupName, StreamName};
+use crate::model::{ConsumerName, Entry, EntryId, GroupName, StreamName};
 
 pub fn router() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(events))
@@ -218,7 +218,7 @@ fn group_tail(stream: &StreamName, group: &GroupName, consumer: &ConsumerName) -
     ))
 }
 
-/// `id: …` and `data: {"id","body","stream","group","consumer","deliveries"}`.
+/// `id: …` and `data: {"id","body"[,"fields"],"stream","group","consumer","deliveries"}`.
 fn message_frame(message: &GroupMessage, tail: &[u8]) -> Bytes {
     let id = message.entry.id.to_string();
     let body = message.entry.body_json();
@@ -227,6 +227,7 @@ fn message_frame(message: &GroupMessage, tail: &[u8]) -> Bytes {
     data.extend_from_slice(id.as_bytes());
     data.extend_from_slice(b"\",\"body\":");
     data.extend_from_slice(&body);
+    put_fields(&mut data, &message.entry);
     data.extend_from_slice(tail);
     data.extend_from_slice(b",\"deliveries\":");
     data.extend_from_slice(itoa::Buffer::new().format(message.deliveries).as_bytes());
@@ -234,7 +235,7 @@ fn message_frame(message: &GroupMessage, tail: &[u8]) -> Bytes {
     sse::frame(None, Some(&id), &data)
 }
 
-/// `{"id":"…","body":…,"stream":"…"}`.
+/// `{"id":"…","body":…[,"fields":{…}],"stream":"…"}`.
 fn broadcast_json(frame: &Frame) -> Vec<u8> {
     let id = frame.id().to_string();
     let body = frame.entry.body_json();
@@ -243,10 +244,20 @@ fn broadcast_json(frame: &Frame) -> Vec<u8> {
     json.extend_from_slice(id.as_bytes());
     json.extend_from_slice(b"\",\"body\":");
     json.extend_from_slice(&body);
+    put_fields(&mut json, &frame.entry);
     json.extend_from_slice(b",\"stream\":");
     json.extend_from_slice(json_string(frame.stream.as_str()).as_bytes());
     json.push(b'}');
     json
+}
+
+/// `,"fields":{…}` when the entry has fields beside its body (written by another client, or a
+/// dead letter's origin), as history shows them.
+fn put_fields(json: &mut Vec<u8>, entry: &Entry) {
+    if let Some(fields) = entry.extra_fields_json() {
+        json.extend_from_slice(b",\"fields\":");
+        json.extend_from_slice(&fields);
+    }
 }
 
 /// `event: gap` with `{"stream","requested","resumed_from"}`.

@@ -456,8 +456,8 @@ pub struct SseEvent {
     /// `message` (the default), `gap` (resumed later than asked: entries after the resume point
     /// were removed) or `end` (the last event of a stream the server ends on purpose).
     event: Option<String>,
-    /// One JSON document: `{"id","body","stream"}` plus, for group consumers, `group`,
-    /// `consumer` and `deliveries`; for `gap`, `{"stream","requested","resumed_from"}`; for
+    /// One JSON document: `{"id","body","stream"}` plus `fields` (strings) when the entry has
+    /// fields beside its body, and, for group consumers, `group`, `consumer` and `deliveries`; for `gap`, `{"stream","requested","resumed_from"}`; for
     /// `end`, `{"reason"}`: `shutdown`, `token_expired`, `group_deleted` or `stream_deleted`.
     data: String,
     /// Milliseconds a browser waits before reconnecting.

@@ -51,6 +51,11 @@ struct PolledMessage {
     topic: StreamName,
     #[schema(value_type = serde_json::Value)]
     payload: Box<RawValue>,
+    /// Fields beside the payload (an entry written by another client, a dead letter's origin),
+    /// as history shows them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<std::collections::HashMap<String, String>>)]
+    fields: Option<Box<RawValue>>,
     /// Milliseconds since the epoch, from the entry id.
     timestamp: u64,
 }
@@ -87,10 +92,19 @@ fn polled_message(
         id: entry.id,
     }
     .encode();
+    let fields = entry
+        .extra_fields_json()
+        .map(|fields| {
+            let text =
+                String::from_utf8(fields).map_err(|error| ApiError::Internal(error.to_string()))?;
+            RawValue::from_string(text).map_err(|error| ApiError::Internal(error.to_string()))
+        })
+        .transpose()?;
     Ok(PolledMessage {
         message_id,
         topic,
         payload,
+        fields,
         timestamp: entry.id.ms,
     })
 }

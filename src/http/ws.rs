@@ -35,7 +35,7 @@ use super::produce::{TopicMessage, publish_one, v1_message_id};
 use super::sse::json_string;
 use crate::delivery::hub::Frame;
 use crate::metrics;
-use crate::model::{ConsumerName, EntryId, GroupName, StreamName};
+use crate::model::{ConsumerName, Entry, EntryId, GroupName, StreamName};
 
 /// The frame cache slot of a broadcast message's WebSocket encoding.
 const SLOT_WS: usize = 2;
@@ -539,7 +539,7 @@ fn frames(opened: Opened) -> Outgoing {
                 message_frame(
                     &stream,
                     &reference.encode(),
-                    &message.entry.body_json(),
+                    &message.entry,
                     Some(message.deliveries),
                 )
             }
@@ -576,19 +576,21 @@ fn broadcast_frame(frame: &Frame) -> Bytes {
     Bytes::from(message_frame(
         &frame.stream,
         &message_id,
-        &frame.entry.body_json(),
+        &frame.entry,
         None,
     ))
 }
 
-/// `{"type":"message","topic","message_id","payload"[,"deliveries"]}`.
+/// `{"type":"message","topic","message_id","payload"[,"fields"][,"deliveries"]}`: `fields` as
+/// history shows an entry's fields beside its body.
 fn message_frame(
     topic: &StreamName,
     message_id: &str,
-    payload: &[u8],
+    entry: &Entry,
     deliveries: Option<u64>,
 ) -> Utf8Bytes {
-    let payload = String::from_utf8_lossy(payload);
+    let body = entry.body_json();
+    let payload = String::from_utf8_lossy(&body);
     let mut text =
         String::with_capacity(payload.len() + topic.as_str().len() + message_id.len() + 64);
     text.push_str(r#"{"type":"message","topic":"#);
@@ -597,6 +599,10 @@ fn message_frame(
     text.push_str(message_id);
     text.push_str(r#"","payload":"#);
     text.push_str(&payload);
+    if let Some(fields) = entry.extra_fields_json() {
+        text.push_str(r#","fields":"#);
+        text.push_str(&String::from_utf8_lossy(&fields));
+    }
     if let Some(deliveries) = deliveries {
         text.push_str(&format!(r#","deliveries":{deliveries}"#));
     }

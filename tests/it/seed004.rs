@@ -29,6 +29,7 @@ on_each_backend!(
     long_poll_broadcast_continues_from_its_cursor,
     garbled_message_ids_are_400_and_ack_nothing,
     websocket_over_the_connection_limit_closes_with_1013 = "[limits]\nmax_connections = 1\n",
+    fields_beside_the_body_reach_every_transport = "[consumer]\nmax_deliveries = 1\n",
 );
 
 type Socket =
@@ -705,4 +706,109 @@ async fn sigterm_closes_websockets_with_1012() {
     assert_eq!(close.map(|frame| u16::from(frame.code)), Some(1012));
     let status = process.wait(Duration::from_secs(10)).await.expect("exited");
     assert!(status.success());
+}
+
+/// An entry with fields beside `data` (here a dead letter, which carries its origin; on Redis
+/// also one written by another client) is delivered with them under `fields` by every transport,
+/// as history shows it.
+async fn fields_beside_the_body_reach_every_transport(app: TestApp) {
+    // Dead-lettered at once: delivered once, given back, and over `max_deliveries`.
+    let id = app.publish("origin", json!({ "order": 7 })).await;
+    let mut consumer = app.consume("origin", "g", "").await;
+    let delivered = consumer.events(1, WAIT).await;
+    let nack = app
+        .request(
+            reqwest::Method::POST,
+            &format!("/api/streams/origin/groups/g/messages/{id}/nack"),
+        )
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(nack.status(), 200);
+    let dlq = app.dead_letter_of("origin");
+    let deadline = Instant::now() + WAIT;
+    let history = loop {
+        let page = app.get(&format!("/api/streams/{dlq}/messages")).await;
+        if page.status() == 200 {
+            let page = json(page).await;
+            if page["messages"][0].is_object() {
+                break page;
+            }
+        }
+        assert!(Instant::now() < deadline, "nothing was dead-lettered");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let fields = history["messages"][0]["fields"].clone();
+    assert_eq!(fields["original_id"], id.as_str(), "{history}");
+    assert_eq!(fields["stream"], "origin");
+
+    // SSE, as a group consumer and as a broadcast subscriber.
+    let mut group = app.consume(&dlq, "readers", "").await;
+    assert_eq!(group.events(1, WAIT).await[0].json()["fields"], fields);
+    let mut broadcast = app
+        .subscribe(&format!("/api/streams/{dlq}/events?from=0"), &[])
+        .await;
+    assert_eq!(broadcast.events(1, WAIT).await[0].json()["fields"], fields);
+    // WebSocket, both ways.
+    let mut ws = Ws::connect(&app).await;
+    for subscribe in [
+        json!({ "type": "subscribe", "topics": [&dlq], "group": "ws", "from": "0" }),
+        json!({ "type": "subscribe", "topics": [&dlq], "from": "0" }),
+    ] {
+        assert_eq!(ws.call(subscribe).await["type"], "subscribed");
+        let message = ws.expect().await;
+        assert_eq!(message["fields"], fields, "{message}");
+        assert_eq!(message["payload"], json!({ "order": 7 }));
+    }
+    // Long-poll (a broadcast poll starts at new messages: see the Redis test below).
+    let reply = json(
+        app.get(&format!("/api/v1/poll?topics={dlq}&group=polls&timeout=5"))
+            .await,
+    )
+    .await;
+    assert_eq!(reply["messages"][0]["fields"], fields, "{reply}");
+    // Messages published through streamgate have no `fields`.
+    assert!(delivered[0].json().get("fields").is_none());
+}
+
+/// On Redis, an entry another client wrote with fields beside `data` shows them everywhere too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_another_clients_fields_reach_every_transport() {
+    let Some(app) = TestApp::on_redis("").await else {
+        return;
+    };
+    let start = json(app.get("/api/v1/poll?topics=legacy&timeout=0").await).await;
+    let cursor = start["cursor"].as_str().unwrap().to_owned();
+    app.redis().cmd::<String>(&[
+        "XADD",
+        "legacy",
+        "*",
+        "data",
+        "{\"n\":1}",
+        "source",
+        "billing",
+    ]);
+    let expected = json!({ "source": "billing" });
+    let mut broadcast = app
+        .subscribe("/api/streams/legacy/events?from=0", &[])
+        .await;
+    let event = broadcast.events(1, WAIT).await[0].json();
+    assert_eq!(
+        (&event["body"], &event["fields"]),
+        (&json!({ "n": 1 }), &expected)
+    );
+    let mut group = app.consume("legacy", "g", "").await;
+    assert_eq!(group.events(1, WAIT).await[0].json()["fields"], expected);
+    let mut ws = Ws::connect(&app).await;
+    let subscribe = json!({ "type": "subscribe", "topics": ["legacy"], "from": "0" });
+    assert_eq!(ws.call(subscribe).await["type"], "subscribed");
+    assert_eq!(ws.expect().await["fields"], expected);
+    for query in ["group=p".to_owned(), format!("cursor={cursor}")] {
+        let reply = json(
+            app.get(&format!("/api/v1/poll?topics=legacy&{query}&timeout=5"))
+                .await,
+        )
+        .await;
+        assert_eq!(reply["messages"][0]["fields"], expected, "{reply}");
+    }
 }
