@@ -471,7 +471,7 @@ struct Trimmed {
     path = "/api/streams/{stream}/trim",
     tag = "admin",
     params(StreamParam),
-    request_body = TrimBody,
+    request_body(content = TrimBody, example = json!({"max_len": 1_000_000})),
     responses((status = 200, description = "Trimmed", body = Trimmed), Invalid, Missing, TooLarge, Conflicting, Guarded),
 )]
 async fn trim(

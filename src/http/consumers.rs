@@ -155,7 +155,7 @@ struct LimitSet {
     path = "/api/consumers/{stream}/{group}/limit",
     tag = "groups",
     params(GroupParams),
-    request_body = LimitBody,
+    request_body(content = LimitBody, example = json!({"count": 100})),
     responses((status = 200, description = "Applied", body = LimitSet), Invalid, TooLarge, Conflicting, Guarded),
 )]
 async fn set_limit(
@@ -297,7 +297,7 @@ struct FinishedMany {
     path = "/api/streams/{stream}/groups/{group}/consumers/{consumer}/finish",
     tag = "groups",
     params(ConsumerParams),
-    request_body = FinishMany,
+    request_body(content = FinishMany, example = json!({"message_ids": ["1700000000000-0"]})),
     responses((status = 200, description = "Counts", body = FinishedMany), Invalid, TooLarge, Conflicting, Guarded),
 )]
 async fn finish_many(

@@ -121,7 +121,7 @@ async fn list(
     path = "/api/streams/{stream}/groups/{group}",
     tag = "groups",
     params(GroupParams),
-    request_body(content = Option<PositionBody>, description = "Optional; the default starts at the beginning"),
+    request_body(content = Option<PositionBody>, description = "Optional; the default starts at the beginning", example = json!({"from": "$"})),
     responses(
         (status = 201, description = "Created", body = Done),
         (status = 200, description = "It existed already (unchanged)", body = Done),
@@ -170,7 +170,7 @@ async fn destroy(
     path = "/api/streams/{stream}/groups/{group}/position",
     tag = "groups",
     params(GroupParams),
-    request_body(content = Option<PositionBody>, description = "Optional; the default is the beginning"),
+    request_body(content = Option<PositionBody>, description = "Optional; the default is the beginning", example = json!({"from": "$"})),
     responses((status = 200, description = "Moved", body = Done), Invalid, Missing, Conflicting, TooLarge, Guarded),
 )]
 async fn reposition(

@@ -86,9 +86,27 @@ impl Modify for Security {
 }
 
 /// A problem+json response, with the headers it carries.
-fn problem(description: &str, headers: &[(&str, &str)]) -> RefOr<utoipa::openapi::Response> {
+fn problem(
+    status: u16,
+    slug: &str,
+    description: &str,
+    headers: &[(&str, &str)],
+) -> RefOr<utoipa::openapi::Response> {
+    // An example of this very status (the schema's own would read 400 for every one of them).
+    let title = axum::http::StatusCode::from_u16(status)
+        .ok()
+        .and_then(|status| status.canonical_reason())
+        .unwrap_or("Error");
+    let example = serde_json::json!({
+        "type": format!("urn:streamgate:problem:{slug}"),
+        "title": title,
+        "status": status,
+        "detail": description,
+        "correlation_id": "9ac397afe41fab60753afd9c",
+    });
     let content = ContentBuilder::new()
         .schema(Some(Ref::from_schema_name("Problem")))
+        .example(Some(example))
         .build();
     let mut response = ResponseBuilder::new()
         .description(description)
@@ -105,14 +123,14 @@ fn problem(description: &str, headers: &[(&str, &str)]) -> RefOr<utoipa::openapi
 
 /// Declares a set of problem responses for `responses(...)` in `#[utoipa::path]`.
 macro_rules! problems {
-    ($(#[$doc:meta])* $name:ident: $(($status:literal, $description:literal $(, $header:literal = $header_description:literal)*)),+ $(,)?) => {
+    ($(#[$doc:meta])* $name:ident: $(($status:literal, $slug:literal, $description:literal $(, $header:literal = $header_description:literal)*)),+ $(,)?) => {
         $(#[$doc])*
         pub struct $name;
 
         impl IntoResponses for $name {
             fn responses() -> BTreeMap<String, RefOr<utoipa::openapi::Response>> {
                 BTreeMap::from([$(
-                    ($status.to_string(), problem($description, &[$(($header, $header_description)),*])),
+                    ($status.to_string(), problem($status, $slug, $description, &[$(($header, $header_description)),*])),
                 )+])
             }
         }
@@ -121,28 +139,28 @@ macro_rules! problems {
 
 problems!(
     /// 400.
-    Invalid: (400, "Invalid input (path, query, header or body); nothing was changed"),
+    Invalid: (400, "bad-request", "Invalid input (path, query, header or body); nothing was changed"),
 );
 problems!(
     /// 404.
-    Missing: (404, "The stream, group, consumer or message does not exist"),
+    Missing: (404, "not-found", "The stream, group, consumer or message does not exist"),
 );
 problems!(
     /// 409.
-    Conflicting: (409, "Conflicts with the current state: the key is not a stream, or the consumer is already connected"),
+    Conflicting: (409, "conflict", "Conflicts with the current state: the key is not a stream, or the consumer is already connected"),
 );
 problems!(
     /// 413.
-    TooLarge: (413, "The body exceeds `limits.max_body_bytes`, a message `limits.max_message_bytes`, or a batch `limits.max_batch_messages`"),
+    TooLarge: (413, "payload-too-large", "The body exceeds `limits.max_body_bytes`, a message `limits.max_message_bytes`, or a batch `limits.max_batch_messages`"),
 );
 problems!(
     /// The refusals every authenticated route can answer with.
     Guarded:
-    (401, "Missing or invalid credentials", "WWW-Authenticate" = "`Bearer realm=\"streamgate\"`"),
-    (403, "The credentials lack the scope, the stream is outside their patterns, or (publishing) the name is reserved (`streamgate:`)"),
-    (429, "Over the rate limit for this credential or address", "Retry-After" = "Seconds to wait"),
-    (500, "An unexpected failure; the log has the cause under the correlation id"),
-    (503, "The backend is unreachable, or (streaming routes) this instance is at its connection cap", "Retry-After" = "Seconds to wait"),
+    (401, "unauthorized", "Missing or invalid credentials", "WWW-Authenticate" = "`Bearer realm=\"streamgate\"`"),
+    (403, "forbidden", "The credentials lack the scope, the stream is outside their patterns, or (publishing) the name is reserved (`streamgate:`)"),
+    (429, "rate-limited", "Over the rate limit for this credential or address", "Retry-After" = "Seconds to wait"),
+    (500, "internal", "An unexpected failure; the log has the cause under the correlation id"),
+    (503, "unavailable", "The backend is unreachable, or (streaming routes) this instance is at its connection cap", "Retry-After" = "Seconds to wait"),
 );
 
 /// The document and docs routes (no credentials needed).
@@ -247,9 +265,12 @@ const NAME_PATTERN: &str = "^[^\\u0000-\\u001F\\u007F-\\u009F]+$";
 
 /// A name's schema. JSON Schema counts characters, not bytes, so `maxLength` is only the outer
 /// bound: a name of 256 characters beyond ASCII is still too long.
-fn name_schema(description: &str) -> ObjectBuilder {
+/// A name's schema, with a real-looking example (Swagger UI would otherwise fill in a random
+/// string generated from the pattern).
+fn name_schema(description: &str, example: &str) -> ObjectBuilder {
     ObjectBuilder::new()
         .schema_type(Type::String)
+        .examples([serde_json::json!(example)])
         .min_length(Some(1))
         .max_length(Some(MAX_NAME_BYTES))
         .pattern(Some(NAME_PATTERN))
@@ -258,7 +279,7 @@ fn name_schema(description: &str) -> ObjectBuilder {
         )))
 }
 
-fn name_parameter(name: &str, description: &str) -> Parameter {
+fn name_parameter(name: &str, description: &str, example: &str) -> Parameter {
     ParameterBuilder::new()
         .name(name)
         .parameter_in(ParameterIn::Path)
@@ -266,7 +287,7 @@ fn name_parameter(name: &str, description: &str) -> Parameter {
         .description(Some(format!(
             "{description}: 1–{MAX_NAME_BYTES} bytes of UTF-8 without control characters"
         )))
-        .schema(Some(name_schema(description)))
+        .schema(Some(name_schema(description, example)))
         .build()
 }
 
@@ -275,7 +296,7 @@ pub struct StreamParam;
 
 impl IntoParams for StreamParam {
     fn into_params(_: impl Fn() -> Option<ParameterIn>) -> Vec<Parameter> {
-        vec![name_parameter("stream", "The stream")]
+        vec![name_parameter("stream", "The stream", "orders")]
     }
 }
 
@@ -285,8 +306,8 @@ pub struct GroupParams;
 impl IntoParams for GroupParams {
     fn into_params(_: impl Fn() -> Option<ParameterIn>) -> Vec<Parameter> {
         vec![
-            name_parameter("stream", "The stream"),
-            name_parameter("group", "The consumer group"),
+            name_parameter("stream", "The stream", "orders"),
+            name_parameter("group", "The consumer group", "billing"),
         ]
     }
 }
@@ -297,9 +318,9 @@ pub struct ConsumerParams;
 impl IntoParams for ConsumerParams {
     fn into_params(_: impl Fn() -> Option<ParameterIn>) -> Vec<Parameter> {
         vec![
-            name_parameter("stream", "The stream"),
-            name_parameter("group", "The consumer group"),
-            name_parameter("consumer", "The consumer"),
+            name_parameter("stream", "The stream", "orders"),
+            name_parameter("group", "The consumer group", "billing"),
+            name_parameter("consumer", "The consumer", "worker-1"),
         ]
     }
 }
@@ -360,7 +381,7 @@ impl IntoParams for IdempotencyHeader {
 
 impl PartialSchema for StreamName {
     fn schema() -> RefOr<Schema> {
-        name_schema("A stream").into()
+        name_schema("A stream", "orders").into()
     }
 }
 
@@ -368,7 +389,7 @@ impl ToSchema for StreamName {}
 
 impl PartialSchema for GroupName {
     fn schema() -> RefOr<Schema> {
-        name_schema("A consumer group").into()
+        name_schema("A consumer group", "billing").into()
     }
 }
 
@@ -376,7 +397,7 @@ impl ToSchema for GroupName {}
 
 impl PartialSchema for ConsumerName {
     fn schema() -> RefOr<Schema> {
-        name_schema("A consumer").into()
+        name_schema("A consumer", "worker-1").into()
     }
 }
 
@@ -398,7 +419,7 @@ impl ToSchema for EntryId {}
 /// Declares a named string schema with a pattern, for `value_type = …` in parameters and fields
 /// (utoipa's `pattern = …` takes only a literal, so shared patterns live here).
 macro_rules! pattern_schema {
-    ($(#[$doc:meta])* $type:ident, $name:literal, $pattern:expr, $description:literal) => {
+    ($(#[$doc:meta])* $type:ident, $name:literal, $pattern:expr, $example:literal, $description:literal) => {
         $(#[$doc])*
         pub struct $type;
 
@@ -407,6 +428,7 @@ macro_rules! pattern_schema {
                 ObjectBuilder::new()
                     .schema_type(Type::String)
                     .pattern(Some($pattern))
+                    .examples([serde_json::json!($example)])
                     .description(Some($description))
                     .into()
             }
@@ -425,6 +447,9 @@ pattern_schema!(
     MessageIdSchema,
     "MessageId",
     "^m1\\.[A-Za-z0-9_-]+\\.[A-Za-z0-9_-]{8}$",
+    // Entry 1700000000000-0 of `notifications` in group `workers` (a real token: acknowledging it
+    // acknowledges nothing that is not pending).
+    "m1.WyJub3RpZmljYXRpb25zIiwid29ya2VycyIsIjE3MDAwMDAwMDAwMDAtMCJd.QK1GvI47",
     "An opaque token from a poll or a WebSocket message, naming the stream, the group and the \
      entry; a checksum makes a garbled token a 400"
 );
@@ -433,6 +458,7 @@ pattern_schema!(
     StartSchema,
     "Start",
     START_PATTERN,
+    "$",
     "`0` (the beginning), `$` (the end: only new entries), or an entry id or milliseconds to \
      start after"
 );
@@ -441,6 +467,7 @@ pattern_schema!(
     RangeBoundSchema,
     "RangeBound",
     RANGE_BOUND_PATTERN,
+    "",
     "Inclusive: an entry id, milliseconds alone, `-` (the oldest) or `+` (the newest); empty is \
      the default"
 );

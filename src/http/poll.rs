@@ -258,7 +258,7 @@ struct Acked {
     post,
     path = "/api/v1/ack",
     tag = "consume",
-    request_body = AckBody,
+    request_body(content = AckBody, example = json!({"message_ids": ["m1.WyJub3RpZmljYXRpb25zIiwid29ya2VycyIsIjE3MDAwMDAwMDAwMDAtMCJd.QK1GvI47"]})),
     responses((status = 200, description = "Acknowledged", body = Acked), Invalid, TooLarge, Conflicting, Guarded),
 )]
 async fn ack(

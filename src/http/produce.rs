@@ -135,7 +135,7 @@ struct PublishedV1Bulk<'a> {
     path = "/api/streams/{stream}/messages",
     tag = "publish",
     params(StreamParam, IdempotencyHeader),
-    request_body = PublishBody,
+    request_body(content = PublishBody, example = json!({"data": {"order_id": 42, "status": "paid"}})),
     responses(
         (
             status = 201,
@@ -174,7 +174,7 @@ async fn publish(
     path = "/api/streams/{stream}/messages/batch",
     tag = "publish",
     params(StreamParam, IdempotencyHeader),
-    request_body = BatchBody,
+    request_body(content = BatchBody, example = json!({"messages": [{"order_id": 42}, {"order_id": 43}]})),
     responses(
         (
             status = 201,
@@ -220,7 +220,7 @@ async fn publish_batch(
     path = "/api/v1/messages",
     tag = "publish",
     params(IdempotencyHeader),
-    request_body = V1Message,
+    request_body(content = V1Message, example = json!({"topic": "notifications", "payload": {"user_id": 123}})),
     responses(
         (status = 201, description = "Stored", body = PublishedV1),
         Invalid, TooLarge, Conflicting, Guarded,
@@ -292,7 +292,7 @@ pub(super) fn v1_message_id(topic: &StreamName, id: EntryId) -> String {
     post,
     path = "/api/v1/messages/bulk",
     tag = "publish",
-    request_body = V1BulkBody,
+    request_body(content = V1BulkBody, example = json!({"messages": [{"topic": "alerts", "payload": {"level": "info"}}, {"topic": "notifications", "payload": {"user_id": 123}}]})),
     responses(
         (status = 201, description = "Stored", body = PublishedV1Bulk),
         Invalid, TooLarge, Conflicting, Guarded,

@@ -12,7 +12,10 @@ use serde_json::Value;
 use crate::helpers::scripts::python_venv;
 use crate::helpers::{TOKEN, TestApp, json};
 
-on_each_backend!(schemathesis_finds_nothing_the_document_does_not_allow);
+on_each_backend!(
+    schemathesis_finds_nothing_the_document_does_not_allow,
+    every_example_body_succeeds_and_destroys_nothing,
+);
 
 /// Where the document's routes live.
 fn http_sources() -> PathBuf {
@@ -332,4 +335,96 @@ async fn consume_routes_take_exactly_their_documented_query_parameters() {
         checked += 1;
     }
     assert!(checked >= 4, "only {checked} consume routes");
+}
+
+/// The streams the document's examples name.
+const EXAMPLE_STREAMS: [&str; 3] = ["orders", "notifications", "alerts"];
+
+/// Each stream's length (0 for one that does not exist).
+async fn lengths(app: &TestApp) -> Vec<u64> {
+    let mut lengths = Vec::new();
+    for stream in EXAMPLE_STREAMS {
+        let reply = app.get(&format!("/api/streams/{stream}")).await;
+        lengths.push(match reply.status().as_u16() {
+            404 => 0,
+            _ => json(reply).await["length"].as_u64().unwrap(),
+        });
+    }
+    lengths
+}
+
+/// What Swagger UI's "Try it out" sends for an operation: every example request body the
+/// document offers, with the path filled from its parameters' examples, executed against a
+/// server holding some messages in the streams the examples name. Each must succeed, and none
+/// may remove anything (a pre-filled `maxlen: 1` trimmed the stream to one entry; a trim with
+/// `max_len: 0` emptied it).
+async fn every_example_body_succeeds_and_destroys_nothing(app: TestApp) {
+    let document = document(&app).await;
+    for stream in EXAMPLE_STREAMS {
+        app.publish_batch(stream, (0..5).map(|n| serde_json::json!(n)).collect())
+            .await;
+    }
+    // The groups the examples name exist, as they would for a user trying the group routes.
+    for (stream, group) in [("orders", "billing"), ("notifications", "workers")] {
+        let created = app
+            .request(
+                Method::PUT,
+                &format!("/api/streams/{stream}/groups/{group}"),
+            )
+            .send()
+            .await
+            .unwrap();
+        assert!(created.status().is_success(), "{stream}/{group}");
+    }
+    let mut executed = 0;
+    for (method, path) in operations(&document) {
+        let operation = &document["paths"][&path][method.to_lowercase()];
+        let Some(content) = operation["requestBody"]["content"].as_object() else {
+            continue;
+        };
+        let example = &content["application/json"]["example"];
+        assert!(
+            !example.is_null(),
+            "{method} {path} offers no example body: Swagger UI would make one up"
+        );
+        let mut url = path.clone();
+        for parameter in operation["parameters"].as_array().into_iter().flatten() {
+            if parameter["in"] == "path" {
+                let name = parameter["name"].as_str().unwrap();
+                let value = parameter["schema"]["examples"][0]
+                    .as_str()
+                    .or_else(|| {
+                        // A referenced schema (an entry id): its example.
+                        let reference = parameter["schema"]["$ref"].as_str()?;
+                        let schema = reference.rsplit('/').next()?;
+                        document["components"]["schemas"][schema]["examples"][0].as_str()
+                    })
+                    .unwrap_or_else(|| panic!("{method} {path}: `{name}` has no example"));
+                url = url.replace(&format!("{{{name}}}"), value);
+            }
+        }
+        let before = lengths(&app).await;
+        let reply = app
+            .request(Method::from_bytes(method.as_bytes()).unwrap(), &url)
+            .json(example)
+            .send()
+            .await
+            .unwrap();
+        let status = reply.status();
+        let body = reply.text().await.unwrap();
+        assert!(
+            status.is_success(),
+            "{method} {url} with its example {example} answered {status}: {body}"
+        );
+        let after = lengths(&app).await;
+        for ((stream, before), after) in EXAMPLE_STREAMS.iter().zip(&before).zip(&after) {
+            assert!(
+                after >= before,
+                "{method} {url} with its example {example} removed entries of {stream}: \
+                 {before} -> {after}"
+            );
+        }
+        executed += 1;
+    }
+    assert!(executed >= 10, "only {executed} example bodies");
 }
