@@ -10,7 +10,7 @@ use serde_json::{Value, json};
 use crate::helpers::process::Process;
 use crate::helpers::scripts::ScriptRun;
 use crate::helpers::sse::{Event, SseClient};
-use crate::helpers::{RedisServer, TOKEN, TestApp, json, problem};
+use crate::helpers::{RedisServer, TOKEN, TestApp, eventually, json, problem};
 
 const WAIT: Duration = Duration::from_secs(5);
 const QUIET: Duration = Duration::from_millis(400);
@@ -779,18 +779,6 @@ fn blocked_clients(redis: &RedisServer) -> u64 {
         .expect("blocked_clients in INFO clients")
 }
 
-/// Waits until exactly one client is blocked in Redis, and says how many there were last.
-async fn settles_on_one_blocked_client(redis: &RedisServer) -> u64 {
-    let deadline = Instant::now() + WAIT;
-    loop {
-        let blocked = blocked_clients(redis);
-        if blocked == 1 || Instant::now() > deadline {
-            return blocked;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
 /// A group consumer and broadcast subscribers, on a stream they share and on one of their own:
 /// the instance's one tail reader follows them all with a single blocking read, and each gets
 /// what it should.
@@ -803,7 +791,11 @@ async fn redis_groups_and_subscribers_share_one_blocking_read() {
     let mut jobs = app.subscribe("/api/streams/jobs/events", &[]).await;
     let mut news = app.subscribe("/api/streams/news/events", &[]).await;
     let redis = app.redis();
-    assert_eq!(settles_on_one_blocked_client(redis).await, 1);
+    assert!(
+        eventually(WAIT, || async { blocked_clients(redis) == 1 }).await,
+        "{} clients blocked in Redis",
+        blocked_clients(redis)
+    );
     for n in 0..3 {
         app.publish("jobs", json!(format!("job {n}"))).await;
         app.publish("news", json!(format!("news {n}"))).await;
@@ -816,7 +808,11 @@ async fn redis_groups_and_subscribers_share_one_blocking_read() {
     assert_eq!(bodies(&consumer.events(3, WAIT).await), expected("job"));
     assert_eq!(bodies(&jobs.events(3, WAIT).await), expected("job"));
     assert_eq!(bodies(&news.events(3, WAIT).await), expected("news"));
-    assert_eq!(settles_on_one_blocked_client(redis).await, 1);
+    assert!(
+        eventually(WAIT, || async { blocked_clients(redis) == 1 }).await,
+        "{} clients blocked in Redis",
+        blocked_clients(redis)
+    );
 }
 
 async fn a_reader_that_falls_behind_retention_is_told_so(app: TestApp) {

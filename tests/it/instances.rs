@@ -11,7 +11,7 @@ use serde_json::{Value, json};
 
 use crate::helpers::process::Process;
 use crate::helpers::sse::SseClient;
-use crate::helpers::{Backend, RedisServer, TOKEN, TestApp, json, problem};
+use crate::helpers::{Backend, RedisServer, TOKEN, TestApp, eventually, json, problem};
 
 /// Two more instances on the Redis of `first`.
 async fn others(first: &TestApp, extra: &str) -> (TestApp, TestApp) {
@@ -49,24 +49,6 @@ fn id_of(message: &Value) -> String {
 async fn finish_by_id(app: &TestApp, id: &str) -> reqwest::Response {
     app.post_json(&format!("/api/messages/{id}/finish"), &json!({}))
         .await
-}
-
-/// Polls `check` every 20 ms until it holds or `within` has passed; returns whether it held.
-async fn eventually<F, Fut>(within: Duration, mut check: F) -> bool
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let deadline = Instant::now() + within;
-    loop {
-        if check().await {
-            return true;
-        }
-        if Instant::now() > deadline {
-            return false;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
